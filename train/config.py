@@ -1,0 +1,330 @@
+"""The one typed config schema, YAML loading, ``key=value`` overrides and validation.
+
+Every default lives in the classes below; ``configs/model_config.yml`` spells them out with comments
+and ``docs/CONFIG.md`` documents them. Loading collects every problem (unknown key with the closest
+valid one, wrong type, out-of-range value, unknown name) and raises one ``ConfigError`` whose lines
+name the full dotted path, so a misspelled key fails instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, data, paths). ``main`` prints ``lines`` and exits 2."""
+
+    def __init__(self, lines: list[str] | str):
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        super().__init__("; ".join(self.lines))
+
+
+class ConfigError(UserError):
+    pass
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must fail, not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+
+class ExperimentConfig(_Section):
+    name: Optional[str] = Field(None, description="Run name; the run directory is <output_dir>/<name>. null: generated, unique.")
+    output_dir: str = Field("runs", description="Parent directory of all run directories.")
+    seed: int = Field(42, ge=0, description="Seed for data generation, splits, shuffling, init and dropout.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_directory_name(cls, v):
+        if v is not None and (not v.strip() or "/" in v or v in (".", "..")):
+            raise ValueError("must be a plain directory name (no '/')")
+        return v
+
+
+class SyntheticConfig(_Section):
+    num_train: int = Field(8000, ge=1, description="Training images generated in memory.")
+    num_val: int = Field(1000, ge=1, description="Validation images.")
+    num_test: int = Field(2000, ge=1, description="Test images.")
+    year_min: float = Field(1850.0, description="Earliest date (decimal year).")
+    year_max: float = Field(2020.0, description="Latest date (decimal year).")
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.year_min >= self.year_max:
+            raise ValueError(f"year_min ({self.year_min}) must be below year_max ({self.year_max})")
+        return self
+
+
+class ManifestConfig(_Section):
+    path: Optional[str] = Field(None, description="CSV file with one row per image.")
+    image_root: Optional[str] = Field(None, description="Directory that relative image paths start from. null: the CSV's directory.")
+    path_column: str = Field("path", description="CSV column with the image path.")
+    date_column: str = Field("date", description="CSV column with the date: YYYY, YYYY-MM, YYYY-MM-DD or a decimal year.")
+    split_column: Optional[str] = Field(None, description="CSV column with train/val/test per row. null: a seeded random split.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows for validation when there is no split column.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows for test when there is no split column.")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave rows for training (sum < 1)")
+        return self
+
+
+class DataConfig(_Section):
+    kind: Literal["synthetic", "manifest"] = Field("synthetic", description="synthetic: generated in memory; manifest: a CSV of image files.")
+    image_size: int = Field(32, ge=8, le=1024, description="Images are square, image_size x image_size pixels.")
+    batch_size: int = Field(64, ge=1, description="Training batch size per process.")
+    eval_batch_size: int = Field(256, ge=1, description="Validation/test batch size per process.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    manifest: ManifestConfig = ManifestConfig()
+
+    @model_validator(mode="after")
+    def _manifest_has_path(self):
+        if self.kind == "manifest" and not self.manifest.path:
+            raise ValueError("kind is 'manifest' but manifest.path is not set")
+        return self
+
+
+class ModelConfig(_Section):
+    name: Literal["mok_cnn", "resnet"] = Field("mok_cnn", description="mok_cnn (conv-BN-ReLU blocks) or resnet (small ResNet).")
+    channels: list[int] = Field([32, 64, 128], min_length=1, description="Width of each block/stage; each one after the first halves the resolution.")
+    hidden: int = Field(64, ge=1, description="Width of the regression head's hidden layer.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the last linear layer.")
+    norm: Literal["batch", "group"] = Field("batch", description="batch: BatchNorm; group: GroupNorm (independent of the batch size).")
+
+    @field_validator("channels")
+    @classmethod
+    def _positive_channels(cls, v):
+        if any(c < 1 for c in v):
+            raise ValueError("every entry must be >= 1")
+        return v
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (ignored by SGD).")
+
+
+class SchedulerConfig(_Section):
+    name: Literal["none", "cosine", "step", "plateau"] = Field("cosine", description="none | cosine (with warmup) | step | plateau.")
+    warmup_epochs: float = Field(0.5, ge=0, description="cosine: linear warmup length in epochs (fractions allowed).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of the peak.")
+    step_epochs: int = Field(5, ge=1, description="step: multiply the lr by gamma every step_epochs epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: the factor.")
+    plateau_factor: float = Field(0.5, gt=0, lt=1, description="plateau: lr factor when the monitored metric stalls.")
+    plateau_patience: int = Field(2, ge=0, description="plateau: epochs without improvement before reducing.")
+
+
+class EarlyStoppingConfig(_Section):
+    enabled: bool = Field(True, description="Stop when the monitored metric stops improving.")
+    monitor: Literal["val/loss", "val/rmse", "val/mae"] = Field("val/rmse", description="Metric for early stopping, the plateau scheduler and the best checkpoint.")
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher is better.")
+    patience: int = Field(5, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement (in the metric's unit).")
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(15, ge=1, description="Maximum number of epochs.")
+    loss: Literal["mse", "huber", "l1"] = Field("mse", description="Loss on standardized targets.")
+    huber_delta: float = Field(1.0, gt=0, description="huber: delta, in standardized units.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value. null: no clipping.")
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = Field(None, description="null follows the launcher; no | fp16 (CUDA only) | bf16.")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+
+
+class WandbConfig(_Section):
+    enabled: bool = Field(False, description="Log to Weights & Biases (opt-in).")
+    project: str = Field("MoK_date_predict", description="W&B project (also the tracker project name).")
+    entity: Optional[str] = Field(None, description="W&B team or user. null: your default entity.")
+    run_name: Optional[str] = Field(None, description="W&B run name. null: the experiment name.")
+    tags: list[str] = Field([], description="W&B tags.")
+    mode: Optional[Literal["online", "offline", "disabled"]] = Field(None, description="null follows WANDB_MODE (online when unset).")
+    log_model: bool = Field(True, description="Log the best checkpoint as a W&B model artifact.")
+    log_predictions: bool = Field(False, description="Log a table of predictions (optional extra).")
+    log_gradients: bool = Field(False, description="Log gradient histograms (optional extra).")
+    watch_model: bool = Field(False, description="Call wandb.watch on the model (optional extra).")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard events under <run_dir>/tensorboard.")
+    log_every_n_steps: int = Field(50, ge=1, description="Log train/loss_step every this many optimizer steps.")
+    progress_bar: bool = Field(True, description="Show a tqdm bar on the main process.")
+    wandb: WandbConfig = WandbConfig()
+
+
+class Config(_Section):
+    experiment: ExperimentConfig = ExperimentConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML: numbers as people write them
+# --------------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float and ``None`` as null.
+
+    YAML 1.1 (PyYAML) only reads exponents with a dot (``1.0e-3``) as floats, and W&B sweep agents
+    pass Python reprs (``None``, ``True``, ``1e-05``) on the command line.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^None$"), ["N"])
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that holds the key at ``loc`` (for suggesting the closest valid key)."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    path = ".".join(loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        section = _section_at(loc)
+        valid = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+        where = ".".join(loc[:-1])
+        known = f" Valid keys{' in ' + where if where else ''}: {', '.join(valid)}." if valid else ""
+        return f"unknown config key '{path}'{hint}{known}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("value_error", "assertion_error") and not loc:
+        return msg
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {msg}{shown}"
+
+
+def validate(raw: Any, source: str = "config") -> Config:
+    """Validate a plain dict against the schema; raise ``ConfigError`` with every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_format_error(err) for err in e.errors()]) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML) to ``raw`` in place; return problems."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key:
+            problems.append(f"override '{item}' is not of the form section.key=value (e.g. training.epochs=3)")
+            continue
+        try:
+            parsed = parse_yaml(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"override '{item}': value is not valid YAML ({e.problem})")
+            continue
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = parsed
+    return problems
+
+
+def read_yaml_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' not found (pass an existing YAML file, e.g. --config configs/model_config.yml)")
+    try:
+        raw = parse_yaml(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw or {}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read ``path`` (or start from the defaults), apply ``overrides``, validate everything together."""
+    raw = read_yaml_file(path) if path is not None else {}
+    problems = apply_overrides(raw, list(overrides))
+    try:
+        cfg = validate(raw, source=str(path or "overrides"))
+    except ConfigError as e:
+        problems += e.lines
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b.c": scalar}``; lists and tuples become their string form.
+
+    Trackers want flat scalars: TensorBoard's hparams crash on nested or list values, and W&B shows
+    dotted keys under the same names the overrides use.
+    """
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = str(list(v))
+        else:
+            out[key] = v
+    return out

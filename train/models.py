@@ -1,0 +1,115 @@
+"""Models that map an RGB image to one number: the standardized date.
+
+Two families, chosen by ``model.name``:
+
+- ``mok_cnn``: the original design's "MoK_CNN": conv-BN-ReLU blocks (each block halves the
+  resolution), global average pooling and a small regression head.
+- ``resnet``: a small ResNet (basic blocks, one stage per entry of ``channels``).
+
+Both are built from a ``ModelConfig`` alone (``build_model``), so a checkpoint that stores the model
+config in its metadata can rebuild the exact architecture without the YAML it came from.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from train.config import ModelConfig
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    # GroupNorm does not depend on the per-process batch, which makes 1-process and N-process runs
+    # follow the same curve; 8 groups (or fewer for narrow layers) is the usual choice.
+    return nn.GroupNorm(num_groups=min(8, channels), num_channels=channels)
+
+
+class MoKCNN(nn.Module):
+    """conv-norm-ReLU x2 per block, max-pool between blocks, global pooling, MLP head."""
+
+    def __init__(self, channels: list[int], hidden: int, dropout: float, norm: str, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, c_out in enumerate(channels):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                _norm(norm, c_out),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                _norm(norm, c_out),
+                nn.ReLU(inplace=True),
+            ]
+            if i < len(channels) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c_in, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).squeeze(-1)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(norm, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = _norm(norm, c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _norm(norm, c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet with one basic block per stage; every stage after the first halves the resolution."""
+
+    def __init__(self, channels: list[int], hidden: int, dropout: float, norm: str, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False), _norm(norm, channels[0]), nn.ReLU(inplace=True)
+        )
+        stages = []
+        c_in = channels[0]
+        for i, c_out in enumerate(channels):
+            stages.append(BasicBlock(c_in, c_out, stride=1 if i == 0 else 2, norm=norm))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c_in, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x))).squeeze(-1)
+
+
+MODELS = {"mok_cnn": MoKCNN, "resnet": SmallResNet}
+
+
+def build_model(cfg: "ModelConfig") -> nn.Module:
+    """Build the network named by ``cfg.name`` with the sizes in ``cfg``; outputs shape ``[batch]``."""
+    return MODELS[cfg.name](channels=list(cfg.channels), hidden=cfg.hidden, dropout=cfg.dropout, norm=cfg.norm)
