@@ -146,6 +146,7 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value. null: no clipping.")
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = Field(None, description="null follows the launcher; no | fp16 (CUDA only) | bf16.")
+    num_threads: Optional[int] = Field(None, ge=1, description="CPU threads per process. null: on CPU, the cores divided among this machine's processes.")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()

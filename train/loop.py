@@ -42,6 +42,7 @@ def train(cfg: Config) -> dict:
     state = PartialState(cpu=use_cpu)
     if note and state.is_main_process:
         print(note)
+    set_num_threads(cfg, use_cpu)
     name = cfg.experiment.name or broadcast_object_list([new_run_name(cfg)])[0]
     cfg = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"name": name})})
     run_dir = Path(cfg.experiment.output_dir) / name
@@ -221,6 +222,17 @@ def resolve_mixed_precision(cfg: Config, use_cpu: bool) -> tuple[str, str | None
             "use training.mixed_precision=bf16 or no"
         )
     return wanted, note
+
+
+def set_num_threads(cfg: Config, use_cpu: bool) -> None:
+    """Intra-op CPU threads. `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which
+    would leave all but one core idle; by default each process gets its share of the cores."""
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    elif use_cpu:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, cores // local_processes))
 
 
 def make_run_dir(run_dir: Path) -> None:
