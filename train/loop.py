@@ -263,13 +263,16 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     """Return ``(scheduler or None, steps_per_batch)``: cosine steps per optimizer step, step/plateau per epoch."""
     s = cfg.training.scheduler
     if s.name == "cosine":
+        # A function of the fraction of training done, so 1 and N processes (N times fewer steps
+        # per epoch each) see the same lr at the same point of training.
         total = max(1, cfg.training.epochs * steps_per_epoch)
-        warmup = min(total - 1, round(s.warmup_epochs * steps_per_epoch))
+        warmup = min(s.warmup_epochs / cfg.training.epochs, 1.0)
 
         def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            done = step / total
+            if done < warmup:
+                return done / warmup
+            progress = min(1.0, (done - warmup) / (1.0 - warmup)) if warmup < 1.0 else 1.0
             return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
