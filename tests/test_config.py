@@ -65,7 +65,7 @@ def test_all_problems_are_reported_together():
 def test_flatten_gives_scalars_only():
     flat = flatten(Config().model_dump(mode="json"))
     assert flat["training.optimizer.lr"] == 2e-3
-    assert flat["model.channels"] == "[32, 64, 128]"
+    assert flat["model.channels"] == "[16, 32, 64]"
     assert all(isinstance(v, (str, int, float, bool, type(None))) for v in flat.values())
 
 

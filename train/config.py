@@ -100,7 +100,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: Literal["mok_cnn", "resnet"] = Field("mok_cnn", description="mok_cnn (conv-BN-ReLU blocks) or resnet (small ResNet).")
-    channels: list[int] = Field([32, 64, 128], min_length=1, description="Width of each block/stage; each one after the first halves the resolution.")
+    channels: list[int] = Field([16, 32, 64], min_length=1, description="Width of each block/stage; each one after the first halves the resolution.")
     hidden: int = Field(64, ge=1, description="Width of the regression head's hidden layer.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the last linear layer.")
     norm: Literal["batch", "group"] = Field("batch", description="batch: BatchNorm; group: GroupNorm (independent of the batch size).")
@@ -140,7 +140,7 @@ class EarlyStoppingConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(15, ge=1, description="Maximum number of epochs.")
+    epochs: int = Field(12, ge=1, description="Maximum number of epochs.")
     loss: Literal["mse", "huber", "l1"] = Field("mse", description="Loss on standardized targets.")
     huber_delta: float = Field(1.0, gt=0, description="huber: delta, in standardized units.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")

@@ -91,6 +91,7 @@ def train(cfg: Config) -> dict:
         show_bar = accelerator.is_local_main_process and cfg.logging.progress_bar
 
         global_step, best_value, best_epoch, bad_epochs, stopped_early = 0, math.inf, 0, 0, False
+        lr_used = current_lr(optimizer)
         sign = 1.0 if es.mode == "min" else -1.0
         t_start = time.perf_counter()
         for epoch in range(1, cfg.training.epochs + 1):
@@ -114,16 +115,16 @@ def train(cfg: Config) -> dict:
                 bar.update(1)
                 if accelerator.sync_gradients:
                     global_step += 1
+                    lr_used = current_lr(optimizer)  # the lr this step used, before the schedule moves on
                     if step_per_batch and not accelerator.optimizer_step_was_skipped:
                         scheduler.step()
                     if global_step % log_every == 0:
                         loss_step = accelerator.reduce(loss.detach(), "mean").item()  # sync point, log steps only
-                        accelerator.log({"train/loss_step": loss_step, "lr": current_lr(optimizer)}, step=global_step)
+                        accelerator.log({"train/loss_step": loss_step, "lr": lr_used}, step=global_step)
                         bar.set_postfix(loss=f"{loss_step:.4f}")
             bar.close()
             sums = accelerator.reduce(sums, "sum")
             epoch_time = time.perf_counter() - t0
-            lr_used = current_lr(optimizer)
 
             # --- Validate over the whole val set, exactly once ------------------------------------
             val = evaluate(accelerator, model, val_loader, loss_fn, data.target_std)
