@@ -74,6 +74,7 @@ class ManifestConfig(_Section):
     split_column: Optional[str] = Field(None, description="CSV column with train/val/test per row. null: a seeded random split.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows for validation when there is no split column.")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows for test when there is no split column.")
+    group_column: Optional[str] = Field(None, description="CSV column naming the item/collection of each image: a random split keeps each group in one split.")
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -82,12 +83,22 @@ class ManifestConfig(_Section):
         return self
 
 
+class AugmentConfig(_Section):
+    hflip: bool = Field(False, description="Random horizontal flip (train only).")
+    crop_scale_min: float = Field(1.0, gt=0, le=1, description="Random resized crop keeping at least this share of the area; 1.0 = off.")
+    brightness: float = Field(0.0, ge=0, lt=1, description="Random brightness factor in [1-b, 1+b]; 0 = off.")
+
+
 class DataConfig(_Section):
     kind: Literal["synthetic", "manifest"] = Field("synthetic", description="synthetic: generated in memory; manifest: a CSV of image files.")
     image_size: int = Field(32, ge=8, le=1024, description="Images are square, image_size x image_size pixels.")
     batch_size: int = Field(64, ge=1, description="Training batch size per process.")
     eval_batch_size: int = Field(256, ge=1, description="Validation/test batch size per process.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="Manifest rows with a bad date, a missing or undecodable image: error (list them, stop) or skip (count them).")
+    cache: bool = Field(False, description="Decode and resize manifest images once into a memory-mapped uint8 array on disk.")
+    cache_dir: Optional[str] = Field(None, description="Where the cache lives (node-local disk on clusters). null: <output_dir>/.cache.")
+    augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     manifest: ManifestConfig = ManifestConfig()
 
@@ -104,6 +115,8 @@ class ModelConfig(_Section):
     hidden: int = Field(64, ge=1, description="Width of the regression head's hidden layer.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the last linear layer.")
     norm: Literal["batch", "group"] = Field("batch", description="batch: BatchNorm; group: GroupNorm (independent of the batch size).")
+    sync_batchnorm: bool = Field(False, description="Convert BatchNorm to SyncBatchNorm in multi-process GPU runs (PyTorch supports it on GPUs only).")
+    init_from: Optional[str] = Field(None, description="Start from the weights of this .safetensors checkpoint (no optimizer state).")
 
     @field_validator("channels")
     @classmethod
@@ -139,6 +152,19 @@ class EarlyStoppingConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement (in the metric's unit).")
 
 
+def parse_duration(text: str) -> float:
+    """``[DD:]HH:MM:SS`` (Slurm's --time format) -> seconds."""
+    parts = text.strip().split(":")
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+    values = [int(p) for p in parts]
+    days = values.pop(0) if len(values) == 4 else 0
+    hours, minutes, seconds = values
+    if minutes >= 60 or seconds >= 60:
+        raise ValueError(f"minutes and seconds must be below 60, got {text!r}")
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 class TrainingConfig(_Section):
     epochs: int = Field(12, ge=1, description="Maximum number of epochs.")
     loss: Literal["mse", "huber", "l1"] = Field("mse", description="Loss on standardized targets.")
@@ -146,10 +172,25 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value. null: no clipping.")
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = Field(None, description="null follows the launcher; no | fp16 (CUDA only) | bf16.")
+    max_time: Optional[str] = Field(None, description="Wall-clock limit [DD:]HH:MM:SS: save a full state and stop cleanly before it.")
+    on_nonfinite: Literal["stop", "skip_step"] = Field("stop", description="Non-finite loss/gradients: stop the run, or skip that optimizer step on every process.")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads per process. null: on CPU, the cores divided among this machine's processes.")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+
+    @field_validator("max_time")
+    @classmethod
+    def _duration(cls, v):
+        if v is not None:
+            parse_duration(v)
+        return v
+
+
+class CheckpointConfig(_Section):
+    every_n_epochs: int = Field(1, ge=0, description="Save a full resumable state every N epochs; 0 = never at epoch ends.")
+    every_n_steps: Optional[int] = Field(None, ge=1, description="Also save a full state every N optimizer steps. null: off.")
+    keep_last: int = Field(2, ge=1, description="Full states kept (newest); best.safetensors is never pruned.")
 
 
 class WandbConfig(_Section):
@@ -158,6 +199,7 @@ class WandbConfig(_Section):
     entity: Optional[str] = Field(None, description="W&B team or user. null: your default entity.")
     run_name: Optional[str] = Field(None, description="W&B run name. null: the experiment name.")
     tags: list[str] = Field([], description="W&B tags.")
+    group: Optional[str] = Field(None, description="W&B group (sweeps set it to the sweep name).")
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(None, description="null follows WANDB_MODE (online when unset).")
     log_model: bool = Field(True, description="Log the best checkpoint as a W&B model artifact.")
     log_predictions: bool = Field(False, description="Log a table of predictions (optional extra).")
@@ -177,6 +219,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
 
 
