@@ -113,3 +113,34 @@ MODELS = {"mok_cnn": MoKCNN, "resnet": SmallResNet}
 def build_model(cfg: "ModelConfig") -> nn.Module:
     """Build the network named by ``cfg.name`` with the sizes in ``cfg``; outputs shape ``[batch]``."""
     return MODELS[cfg.name](channels=list(cfg.channels), hidden=cfg.hidden, dropout=cfg.dropout, norm=cfg.norm)
+
+
+def maybe_sync_batchnorm(model: nn.Module, cfg: "ModelConfig", num_processes: int, use_cpu: bool) -> tuple[nn.Module, str | None]:
+    """Apply ``model.sync_batchnorm``: return ``(model, message or None)``.
+
+    Call it right after ``build_model`` and before ``accelerator.prepare`` (DDP must wrap the converted
+    layers). ``num_processes`` is the size of the whole job (all machines). BatchNorm layers become
+    ``nn.SyncBatchNorm`` (statistics over the global batch; weights and running statistics are kept)
+    only where PyTorch supports it: several processes on GPUs. Elsewhere the model is returned
+    unchanged, and the message says why, so a user who asked for sync-BN is never left guessing:
+
+    - on the CPU (gloo): PyTorch's SyncBatchNorm raises "SyncBatchNorm layers only work with GPU
+      modules" at the first forward pass; each process keeps plain BatchNorm over its own batch;
+    - one process: the local batch already is the global batch;
+    - ``norm: group`` (or no BatchNorm layer): nothing to convert.
+    """
+    if not cfg.sync_batchnorm:
+        return model, None
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if n_bn == 0:
+        return model, f"note: model.sync_batchnorm=true has no effect: the model has no BatchNorm layers (model.norm={cfg.norm})"
+    if num_processes <= 1:
+        return model, "note: model.sync_batchnorm=true has no effect with one process (its batch is the whole batch)"
+    if use_cpu:
+        return model, (
+            f"warning: model.sync_batchnorm=true is ignored on the CPU: PyTorch's SyncBatchNorm works only on GPUs. "
+            f"Keeping plain BatchNorm: each of the {num_processes} processes normalizes over its own batch of data.batch_size "
+            f"images. For statistics that do not depend on the process count use model.norm=group."
+        )
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, f"model.sync_batchnorm: converted {n_bn} BatchNorm layers to SyncBatchNorm (statistics over all {num_processes} processes)"
