@@ -92,3 +92,14 @@ def out(tmp_path: Path) -> Path:
     d = tmp_path / "runs"
     d.mkdir()
     return d
+
+
+def popen_main(args: list[str], launcher: list[str], **env_extra) -> subprocess.Popen:
+    """Like ``run_main`` but in the background (for launches that must run at the same time, e.g. the
+    machines of a simulated multi-node job); read the result with ``.communicate(timeout=...)``."""
+    return subprocess.Popen(launcher + [MAIN] + args, cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_sweep_cli(args: list[str], timeout: int = 240, **env_extra) -> subprocess.CompletedProcess:
+    """``python -m train.sweep ARGS`` from the repo root, W&B offline."""
+    return subprocess.run([sys.executable, "-m", "train.sweep", *args], cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
