@@ -1,4 +1,4 @@
-"""Datasets, splits, target standardization and loaders.
+"""Datasets, splits, target standardization, the image cache and loaders.
 
 ``build_data(cfg)`` returns a ``Data`` bundle: the three splits as datasets of ``(image, target)``
 pairs, where ``image`` is a normalized float tensor ``[3, H, W]`` and ``target`` is the date
@@ -7,30 +7,50 @@ to years with the same ``mean``/``std``, which are also stored in the checkpoint
 
 Two kinds of data:
 - ``synthetic``: generated in memory from the seed (``train.synthetic``), no files.
-- ``manifest``: a CSV with an image path column and a date column; Pillow decodes and resizes.
+- ``manifest``: a CSV with an image path column and a date column (``docs/DATA.md``). Every image
+  is decoded once at startup, so that every bad row (bad date, missing file, undecodable image) is
+  named by its CSV row number before any training. With ``data.cache: true`` that pass writes the
+  resized images to a memory-mapped uint8 array on disk, and later epochs and runs decode nothing.
 
-The training order is a function of (seed, epoch) only (``EpochSampler``), never of a global random
-stream, so a resumed run sees the same batches as an uninterrupted one.
+The training order is a function of (seed, epoch) only (``EpochSampler``), and so is augmentation:
+the sampler yields ``(epoch, index)`` keys and the dataset seeds each image's augmentation with
+``(seed, epoch, index)``. Neither touches a global random stream, so a resumed run sees the same
+batches and the same augmented images as an uninterrupted one, whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import calendar
 import csv
+import fcntl
+import hashlib
+import json
 import math
+import os
 import re
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from train.config import Config, DataConfig, UserError
+from train.config import AugmentConfig, Config, DataConfig, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
+_MAX_LISTED = 10  # bad rows listed one per line before the summary line
+_CACHE_FORMAT = "mok-image-cache/1"
 
 
 class DatedImages(Dataset):
-    """uint8 images in memory (``[N, 3, H, W]``) with their dates in years."""
+    """uint8 images in memory (``[N, 3, H, W]``) with their dates in years.
+
+    Indexing with an int gives the plain image; indexing with ``(epoch, i)`` (what ``EpochSampler``
+    yields) also applies ``augment`` when it is set, seeded by ``(seed, epoch, i)``.
+    """
 
     def __init__(self, images: torch.Tensor, years: np.ndarray):
         self.images = images
@@ -38,6 +58,9 @@ class DatedImages(Dataset):
         self.mean = torch.zeros(3, 1, 1)
         self.std = torch.ones(3, 1, 1)
         self.target_mean, self.target_std = 0.0, 1.0
+        self.augment: AugmentConfig | None = None  # set on the train split only
+        self.seed = 0
+        self.stats: np.ndarray | None = None  # per-image channel stats, when already computed
 
     def __len__(self) -> int:
         return len(self.years)
@@ -45,8 +68,12 @@ class DatedImages(Dataset):
     def raw(self, i: int) -> torch.Tensor:
         return self.images[i]
 
-    def __getitem__(self, i: int):
-        x = (self.raw(i).float() / 255.0 - self.mean) / self.std
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        x = self.raw(i)
+        if self.augment is not None and epoch is not None:
+            x = augment_image(x, self.augment, self.seed, epoch, i)
+        x = (x.float() / 255.0 - self.mean) / self.std
         y = (self.years[i] - self.target_mean) / self.target_std
         return x, y.float()
 
@@ -60,17 +87,97 @@ class ManifestImages(DatedImages):
         self.size = size
 
     def raw(self, i: int) -> torch.Tensor:
-        return decode_image(self.paths[i], self.size)
+        try:
+            return decode_image(self.paths[i], self.size)
+        except Exception as e:  # noqa: BLE001 - a file changed after the startup check
+            # UserError survives the trip from a DataLoader worker (rebuilt from its message).
+            raise UserError(f"image '{self.paths[i]}' can no longer be decoded ({e}); it changed after startup") from None
+
+
+class CachedImages(DatedImages):
+    """Rows ``slots`` of a memory-mapped uint8 cache file ``[M, 3, S, S]``.
+
+    The file is opened lazily in each process (and dropped when pickled), so DataLoader workers map
+    the same pages instead of receiving a copy of the array.
+    """
+
+    def __init__(self, cache_file: Path, slots: np.ndarray, years: np.ndarray):
+        super().__init__(images=torch.empty(0), years=years)
+        self.cache_file = Path(cache_file)
+        self.slots = np.asarray(slots, dtype=np.int64)
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.cache_file, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    def raw(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[self.slots[i]]))
 
 
 def decode_image(path: Path, size: int) -> torch.Tensor:
-    """Decode one image file to a uint8 ``[3, size, size]`` tensor (RGB, EXIF orientation applied)."""
+    """Decode one image file to a uint8 ``[3, size, size]`` tensor.
+
+    Any mode Pillow reads (grayscale, RGBA, palette, CMYK, 16-bit) becomes RGB, and the EXIF
+    orientation is applied. The trainer, the cache and ``train.predict`` all decode through here, so
+    a checkpoint sees the same pixels at prediction time as in training.
+    """
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB").resize((size, size), Image.BILINEAR)
+        # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that small
+        # (still at least `size` on each side); several times faster on photographs.
+        im.draft("RGB", (size, size))
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            # Transparent areas would otherwise become whatever colour they store (often black).
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im)
+        elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit scans: scale to 8 bits instead of clipping everything above 255 to white.
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def augment_image(img: torch.Tensor, aug: AugmentConfig, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """Date-preserving augmentation of a uint8 ``[3, H, W]`` image -> float ``[3, H, W]`` in [0, 255].
+
+    Random resized crop (area share in ``[crop_scale_min, 1]``, aspect 3/4..4/3), horizontal flip,
+    brightness factor in ``[1 - b, 1 + b]``. No colour, blur or noise changes: those are date cues.
+    The random numbers come from a generator keyed by ``(seed, epoch, index)`` and are always drawn
+    in the same order, so an image's augmentation depends on nothing else.
+    """
+    rng = np.random.default_rng([seed, epoch, index])
+    area, log_ratio, top_u, left_u, flip_u, bright_u = rng.random(6)
+    x = img.float()
+    _, h, w = x.shape
+    if aug.crop_scale_min < 1.0:
+        share = aug.crop_scale_min + (1.0 - aug.crop_scale_min) * area
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * log_ratio)
+        cw = max(1, min(w, round(math.sqrt(share * ratio) * w)))
+        ch = max(1, min(h, round(math.sqrt(share / ratio) * h)))
+        top, left = int(top_u * (h - ch + 1)), int(left_u * (w - cw + 1))
+        crop = x[None, :, top : top + ch, left : left + cw]
+        x = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+    if aug.hflip and flip_u < 0.5:
+        x = x.flip(-1)
+    if aug.brightness > 0:
+        x = (x * (1.0 - aug.brightness + 2.0 * aug.brightness * bright_u)).clamp_(0.0, 255.0)
+    return x
+
+
+def _augments(aug: AugmentConfig) -> bool:
+    return aug.hflip or aug.crop_scale_min < 1.0 or aug.brightness > 0
 
 
 @dataclass
@@ -82,10 +189,17 @@ class Data:
     target_std: float
     pixel_mean: list[float]
     pixel_std: list[float]
+    skipped_rows: int = 0  # manifest rows dropped under data.on_bad_row=skip
+    bad_rows: list[str] = field(default_factory=list)  # their reasons, "row N: ..."
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffles with a generator seeded by ``seed + epoch``: the order depends on nothing else."""
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffles with a generator seeded by ``seed + epoch``: the order depends on nothing else.
+
+    Yields ``(epoch, index)`` keys: the epoch travels with each index into the DataLoader workers
+    (a dataset attribute set in the main process would not reach persistent workers), and the
+    dataset seeds augmentation from it.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -95,7 +209,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        epoch = self.epoch
+        return iter([(epoch, i) for i in torch.randperm(self.n, generator=g).tolist()])
 
     def __len__(self) -> int:
         return self.n
@@ -138,61 +253,334 @@ def parse_date(text: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# The manifest: rows, bad rows, splits
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ManifestRows:
+    """The usable-so-far rows of a manifest CSV (date parsed, file present)."""
+
+    csv_path: Path
+    row_numbers: list[int]  # CSV row numbers (the header is row 1)
+    paths: list[Path]
+    years: list[float]
+    splits: list[str]  # "" without a split column
+    groups: list[str]  # "" without a group column
+    problems: dict[int, str]  # row number -> reason, for rows already dropped
+
+
+def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str, date_column: str | None,
+                       split_column: str | None = None, group_column: str | None = None) -> ManifestRows:
+    """Read a manifest CSV: resolve paths (relative to ``image_root``, default the CSV's directory,
+    or absolute), parse dates, and note every row whose date is bad or whose file is missing.
+
+    ``date_column=None`` reads paths only (prediction without labels). A missing CSV or column is a
+    ``UserError``; bad rows are returned in ``problems``, not raised, so the caller can list them all.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"'{csv_path}' not found (a CSV with columns '{path_column}' and '{date_column or 'date'}')")
+    root = Path(image_root) if image_root else csv_path.parent
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            needed = [c for c in (path_column, date_column, split_column, group_column) if c]
+            missing = [c for c in needed if c not in columns]
+            if missing:
+                raise UserError(f"{csv_path}: column(s) {missing} not found; the header has {columns} (set data.manifest.*_column)")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e})") from None
+    out = ManifestRows(csv_path, [], [], [], [], [], {})
+    for row_number, row in enumerate(rows, start=2):  # row 1 is the header
+        text = (row.get(path_column) or "").strip()
+        if not text:
+            out.problems[row_number] = f"empty '{path_column}'"
+            continue
+        p = Path(text).expanduser()
+        p = p if p.is_absolute() else root / p
+        year = math.nan
+        if date_column:
+            try:
+                year = parse_date(row.get(date_column) or "")
+            except ValueError as e:
+                out.problems[row_number] = str(e)
+                continue
+        split = (row.get(split_column) or "").strip().lower() if split_column else ""
+        if split_column and split not in ("train", "val", "test"):
+            out.problems[row_number] = f"split '{split}' is not train, val or test"
+            continue
+        if not p.is_file():
+            out.problems[row_number] = f"image '{p}' not found"
+            continue
+        out.row_numbers.append(row_number)
+        out.paths.append(p)
+        out.years.append(year)
+        out.splits.append(split)
+        out.groups.append((row.get(group_column) or "").strip() if group_column else "")
+    return out
+
+
+def bad_row_lines(csv_path: Path, problems: dict[int, str], action: str) -> list[str]:
+    """The first bad rows, one line each in row order, plus a summary line when there are more."""
+    rows = sorted(problems)
+    lines = [f"{csv_path}: row {r}: {problems[r]}" for r in rows[:_MAX_LISTED]]
+    if len(rows) > _MAX_LISTED:
+        lines.append(f"{csv_path}: {len(rows)} bad rows in all (and {len(rows) - _MAX_LISTED} more); {action}")
+    return lines
+
+
+def _unit_order(keys: list[str], seed: int) -> list[str]:
+    """Distinct keys in a seeded order that depends on each key alone, not on its position or on the
+    other rows: adding or dropping rows moves few others between splits."""
+    return sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())
+
+
+def split_rows(keys: list[str], val_fraction: float, test_fraction: float, seed: int) -> list[np.ndarray]:
+    """Seeded random split of rows into (train, val, test) index arrays.
+
+    Rows with the same key stay together (the key is the group; a row without a group is keyed by
+    its own path). Units go to val until it holds ``val_fraction`` of the rows, then to test, the
+    rest to train; with one row per unit the counts are exact.
+    """
+    n = len(keys)
+    n_val, n_test = max(1, round(n * val_fraction)), max(1, round(n * test_fraction))
+    members: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    parts: list[list[int]] = [[], [], []]  # train, val, test
+    for k in _unit_order(keys, seed):
+        target = 1 if len(parts[1]) < n_val else 2 if len(parts[2]) < n_test else 0
+        parts[target].extend(members[k])
+    return [np.asarray(sorted(p), dtype=np.int64) for p in parts]
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding every image once: the startup check, and the on-disk cache
+# --------------------------------------------------------------------------------------------------
+
+
+class _DecodeAll(Dataset):
+    """Decodes file ``i`` -> ``(i, image or None, error or "")``: a bad file is data, not a crash."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, decode_image(self.paths[i], self.size), ""
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad row
+            return i, None, f"image '{self.paths[i]}' cannot be decoded ({type(e).__name__}: {e})"
+
+
+def _image_stats(x: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> per-image ``[B, 6]`` channel means and stds of pixels in [0, 1]."""
+    x = x.float().div_(255.0).flatten(2)
+    return torch.cat([x.mean(-1), x.std(-1)], dim=1)
+
+
+def _decode_all(paths: list[Path], size: int, num_workers: int, desc: str, show_bar: bool):
+    """Decode every file in parallel; yield ``(indices, uint8 images [B,3,S,S], {index: error})``."""
+    from tqdm.auto import tqdm
+
+    def collate(items):
+        ok = [(i, img) for i, img, _ in items if img is not None]
+        errors = {i: err for i, _, err in items if err}
+        imgs = torch.stack([img for _, img in ok]) if ok else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return [i for i, _ in ok], imgs, errors
+
+    loader = DataLoader(_DecodeAll(paths, size), batch_size=32, num_workers=num_workers, collate_fn=collate)
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not show_bar, leave=False) as bar:
+        for batch in loader:
+            yield batch
+            bar.update(len(batch[0]) + len(batch[2]))
+
+
+def scan_images(paths: list[Path], size: int, num_workers: int, show_bar: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode every image once (no cache): per-image channel stats ``[N, 6]`` and ``{index: error}``.
+
+    The stats serve the pixel normalization and the colour baseline, so this check pass is not extra
+    work for the train split.
+    """
+    stats = np.full((len(paths), 6), np.nan)
+    errors: dict[int, str] = {}
+    for idx, imgs, errs in _decode_all(paths, size, num_workers, "Checking images", show_bar):
+        if idx:
+            stats[idx] = _image_stats(imgs).double().numpy()
+        errors.update(errs)
+    return stats, errors
+
+
+def cache_key(csv_path: Path, paths: list[Path], size: int) -> str:
+    """Hash of the manifest's bytes, each image file's path, size and modification time, and the
+    image size: any change (an image replaced in place too) gives a new key, hence a rebuild."""
+    h = hashlib.sha256(f"{_CACHE_FORMAT}\0{size}\0".encode())
+    h.update(Path(csv_path).read_bytes())
+    for p in paths:
+        st = p.stat()
+        h.update(f"\0{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, num_workers: int, show_bar: bool) -> None:
+    """Decode everything into ``array_file`` (written under a temp name, then renamed), then write
+    ``marker`` (the decode errors) the same way. Readers trust only a cache whose marker exists."""
+    from train.checkpoints import atomic_write_bytes
+
+    tmp = array_file.with_name(f".{array_file.name}.tmp-{os.getpid()}")
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+        errors: dict[int, str] = {}
+        for idx, imgs, errs in _decode_all(paths, size, num_workers, "Caching images", show_bar):
+            if idx:
+                arr[idx] = imgs.numpy()
+            errors.update(errs)
+        arr.flush()
+        del arr
+        os.replace(tmp, array_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    payload = {"format": _CACHE_FORMAT, "count": len(paths), "image_size": size, "errors": {str(k): v for k, v in errors.items()}}
+    atomic_write_bytes(marker, json.dumps(payload).encode())
+
+
+def ensure_cache(paths: list[Path], size: int, cache_dir: Path, key: str, builder: bool, num_workers: int = 0,
+                 show_bar: bool = False, poll_s: float = 0.5) -> tuple[Path, dict[int, str]]:
+    """Return ``(array file, {index: decode error})`` of the cache for ``key``, building it if needed.
+
+    ``builder``: this process may build (one per machine, the local main process). Builders of
+    independent runs sharing ``cache_dir`` take turns through an ``flock`` (released by the kernel
+    if a builder dies, so no stale lock). Other processes poll for the completion marker with a
+    plain sleep loop: a long build never trips a distributed collective's timeout.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    array_file, marker, failed = cache_dir / f"{key}.npy", cache_dir / f"{key}.json", cache_dir / f"{key}.failed"
+    if builder:
+        with open(cache_dir / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another run builds the same cache: wait, then reuse it
+            if not (marker.is_file() and array_file.is_file()):
+                failed.unlink(missing_ok=True)
+                try:
+                    _build_cache(paths, size, array_file, marker, num_workers, show_bar)
+                except BaseException as e:
+                    # Tell the waiting processes instead of leaving them polling forever.
+                    failed.write_text(f"{type(e).__name__}: {e}")
+                    raise
+    else:
+        t0 = time.monotonic()
+        next_note = 60.0
+        while not marker.is_file():
+            if failed.is_file():
+                raise UserError(f"building the image cache in '{cache_dir}' failed on this machine's main process: {failed.read_text()}")
+            if time.monotonic() - t0 > next_note:
+                print(f"waiting for the image cache in '{cache_dir}' ({next_note:.0f} s so far)", file=sys.stderr)
+                next_note += 300.0
+            time.sleep(poll_s)
+    info = json.loads(marker.read_text())
+    return array_file, {int(k): v for k, v in info["errors"].items()}
+
+
+def _cached_stats(ds: CachedImages, chunk: int = 1024) -> np.ndarray:
+    out = []
+    order = np.argsort(ds.slots)  # read the memory map forwards
+    for a in range(0, len(order), chunk):
+        sel = order[a : a + chunk]
+        out.append(_image_stats(torch.from_numpy(np.asarray(ds.array[ds.slots[sel]]))).double().numpy())
+    stats = np.empty((len(ds), 6))
+    if out:
+        stats[order] = np.concatenate(out)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------
 # Building the splits
 # --------------------------------------------------------------------------------------------------
 
 
-def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int):
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = max(1, round(n * val_fraction)), max(1, round(n * test_fraction))
-    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+def _is_local_builder() -> tuple[bool, bool]:
+    """(is the local main process, is the global main process); one process when not distributed."""
+    from accelerate import PartialState
+
+    # The loop creates PartialState(cpu=...) before build_data; this returns that shared state.
+    state = PartialState()
+    return state.is_local_main_process, state.is_main_process
 
 
-def _read_manifest(cfg: DataConfig, seed: int):
-    m = cfg.manifest
-    path = Path(m.path)
-    if not path.is_file():
-        raise UserError(f"data.manifest.path: '{path}' not found (a CSV with columns '{m.path_column}' and '{m.date_column}')")
-    root = Path(m.image_root) if m.image_root else path.parent
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        needed = [m.path_column, m.date_column] + ([m.split_column] if m.split_column else [])
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise UserError(f"{path}: column(s) {missing} not found; the header has {columns} (set data.manifest.*_column)")
-        rows = list(reader)
-    paths, years, splits, problems = [], [], [], []
-    for row_number, row in enumerate(rows, start=2):  # row 1 is the header
-        p = Path(row[m.path_column])
-        p = p if p.is_absolute() else root / p
+def _read_manifest(cfg: Config):
+    """The three manifest datasets, plus ``(skipped row count, bad-row lines)``."""
+    d, m, seed = cfg.data, cfg.data.manifest, cfg.experiment.seed
+    if not m.path or not Path(m.path).is_file():
+        raise UserError(f"data.manifest.path: '{m.path}' not found (a CSV with columns '{m.path_column}' and '{m.date_column}')")
+    rows = read_manifest_rows(Path(m.path), Path(m.image_root) if m.image_root else None, m.path_column, m.date_column,
+                              m.split_column, m.group_column)
+    csv_path, problems = rows.csv_path, dict(rows.problems)
+    local_main, main = _is_local_builder()
+    show_bar = local_main and cfg.logging.progress_bar
+
+    # Decode every image once: it finds undecodable files before training and yields pixel stats.
+    stats, cache_file = None, None
+    if d.cache:
+        cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.experiment.output_dir) / ".cache"
+        key = cache_key(csv_path, rows.paths, d.image_size)
         try:
-            years.append(parse_date(row[m.date_column] or ""))
-        except ValueError as e:
-            problems.append(f"{path}: row {row_number}: {e}")
-            continue
-        if not p.is_file():
-            problems.append(f"{path}: row {row_number}: image '{p}' not found")
-            continue
-        paths.append(p)
-        if m.split_column:
-            split = (row[m.split_column] or "").strip().lower()
-            if split not in ("train", "val", "test"):
-                problems.append(f"{path}: row {row_number}: split '{split}' is not train, val or test")
-            splits.append(split)
-    if problems:
-        more = f" (and {len(problems) - 10} more bad rows)" if len(problems) > 10 else ""
-        raise UserError(problems[:10] + ([f"{path}: {len(problems)} bad rows in all{more}; fix or remove them"] if more else []))
-    years_arr = np.asarray(years, dtype=np.float64)
-    if m.split_column:
-        split_arr = np.asarray(splits)
-        idx = [np.flatnonzero(split_arr == s) for s in ("train", "val", "test")]
+            cache_file, errors = ensure_cache(rows.paths, d.image_size, cache_dir, key, builder=local_main,
+                                              num_workers=d.num_workers, show_bar=show_bar)
+        except OSError as e:
+            raise UserError(f"data.cache_dir: cannot write the image cache in '{cache_dir}' ({e.strerror or e}); set data.cache_dir") from None
     else:
-        idx = list(_split_indices(len(paths), m.val_fraction, m.test_fraction, seed))
+        stats, errors = scan_images(rows.paths, d.image_size, d.num_workers, show_bar)
+    for i, err in errors.items():
+        problems[rows.row_numbers[i]] = err
+
+    if problems and d.on_bad_row == "error":
+        raise UserError(bad_row_lines(csv_path, problems, "fix or remove them, or set data.on_bad_row=skip"))
+    skipped = bad_row_lines(csv_path, problems, "all skipped") if problems else []
+    if problems and main:
+        print(f"note: skipped {len(problems)} bad row(s) of {csv_path} (data.on_bad_row=skip); first: {skipped[0]}", file=sys.stderr)
+    good = np.asarray([i for i in range(len(rows.paths)) if i not in errors], dtype=np.int64)
+    if len(good) == 0:
+        raise UserError(f"{csv_path}: no usable rows")
+
+    years = np.asarray(rows.years, dtype=np.float64)
+    if m.split_column:
+        split_arr = np.asarray(rows.splits)[good]
+        idx = [good[split_arr == s] for s in ("train", "val", "test")]
+        if m.group_column:
+            _check_groups_do_not_straddle(csv_path, rows, idx)
+    else:
+        keys = [rows.groups[i] if rows.groups[i] else f"\0path\0{rows.paths[i]}" for i in good]
+        idx = [good[ix] for ix in split_rows(keys, m.val_fraction, m.test_fraction, seed)]
     for name, ix in zip(("train", "val", "test"), idx):
         if len(ix) == 0:
-            raise UserError(f"{path}: the {name} split is empty ({len(paths)} usable rows); add rows or change the split")
-    return [ManifestImages([paths[i] for i in ix], years_arr[ix], cfg.image_size) for ix in idx]
+            raise UserError(f"{csv_path}: the {name} split is empty ({len(good)} usable rows); add rows or change the split")
+
+    datasets = []
+    for ix in idx:
+        if cache_file is not None:
+            ds = CachedImages(cache_file, ix, years[ix])
+        else:
+            ds = ManifestImages([rows.paths[i] for i in ix], years[ix], d.image_size)
+            ds.stats = stats[ix]
+        ds.row_numbers = [rows.row_numbers[i] for i in ix]
+        datasets.append(ds)
+    return datasets, len(problems), skipped
+
+
+def _check_groups_do_not_straddle(csv_path: Path, rows: ManifestRows, idx: list[np.ndarray]) -> None:
+    where: dict[str, set[str]] = {}
+    for name, ix in zip(("train", "val", "test"), idx):
+        for i in ix:
+            if rows.groups[i]:
+                where.setdefault(rows.groups[i], set()).add(name)
+    mixed = [g for g, s in where.items() if len(s) > 1]
+    if mixed:
+        shown = ", ".join(f"'{g}' ({'/'.join(sorted(where[g]))})" for g in mixed[:5])
+        raise UserError(f"{csv_path}: {len(mixed)} group(s) of data.manifest.group_column appear in several splits of the split column: {shown}")
 
 
 def _make_synthetic(cfg: DataConfig, seed: int):
@@ -209,29 +597,41 @@ def _make_synthetic(cfg: DataConfig, seed: int):
 def channel_stats(ds: DatedImages, batch_size: int = 256, num_workers: int = 0) -> np.ndarray:
     """Per-image ``[mean_r, mean_g, mean_b, std_r, std_g, std_b]`` of pixels in [0, 1], shape ``[N, 6]``.
 
-    Used for the input normalization and for the colour-linear baseline.
+    Used for the input normalization and for the colour-linear baseline. Reuses the stats of the
+    startup decode pass when there are some; reads a cache from the memory map; decodes otherwise.
     """
+    if ds.stats is not None:
+        return ds.stats
+    if isinstance(ds, CachedImages):
+        ds.stats = _cached_stats(ds)
+        return ds.stats
     if ds.images.numel():
-        x = ds.images.float().div_(255.0).flatten(2)
-        return torch.cat([x.mean(-1), x.std(-1)], dim=1).double().numpy()
+        return _image_stats(ds.images).double().numpy()
 
     class _Raw(Dataset):
         def __len__(self):
             return len(ds)
 
         def __getitem__(self, i):
-            x = ds.raw(i).float().div_(255.0).flatten(1)
-            return torch.cat([x.mean(-1), x.std(-1)])
+            return _image_stats(ds.raw(i)[None])[0]
 
     loader = DataLoader(_Raw(), batch_size=batch_size, num_workers=num_workers)
     return torch.cat(list(loader)).double().numpy()
 
 
 def build_data(cfg: Config) -> Data:
-    """Build the train/val/test datasets with train-split target and pixel statistics applied."""
+    """Build the train/val/test datasets with train-split target and pixel statistics applied.
+
+    Manifest data: raises ``UserError`` naming the bad rows (``data.on_bad_row=error``) or drops them
+    and counts them in ``Data.skipped_rows`` (``skip``).
+    """
     d = cfg.data
     seed = cfg.experiment.seed
-    train, val, test = _make_synthetic(d, seed) if d.kind == "synthetic" else _read_manifest(d, seed)
+    skipped, bad = 0, []
+    if d.kind == "synthetic":
+        train, val, test = _make_synthetic(d, seed)
+    else:
+        (train, val, test), skipped, bad = _read_manifest(cfg)
     stats = channel_stats(train, num_workers=d.num_workers)
     pixel_mean = stats[:, :3].mean(0)
     # std over all train pixels = sqrt(mean of per-image variances + variance of per-image means)
@@ -242,11 +642,17 @@ def build_data(cfg: Config) -> Data:
         ds.mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
         ds.std = torch.tensor(np.maximum(pixel_std, 1e-6), dtype=torch.float32).view(3, 1, 1)
         ds.target_mean, ds.target_std = target_mean, target_std
-    return Data(train, val, test, target_mean, target_std, pixel_mean.tolist(), pixel_std.tolist())
+    if _augments(d.augment):
+        train.augment, train.seed = d.augment, seed  # train only: val/test measure the plain images
+    return Data(train, val, test, target_mean, target_std, pixel_mean.tolist(), pixel_std.tolist(), skipped, bad)
 
 
 def make_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader, DataLoader, EpochSampler]:
-    """Loaders for the three splits; the train loader's order comes from the returned sampler."""
+    """Loaders for the three splits; the train loader's order comes from the returned sampler.
+
+    Decoding runs in ``data.num_workers`` worker processes, kept alive across epochs; batches are
+    pinned when a CUDA device is there to receive them.
+    """
     d = cfg.data
     sampler = EpochSampler(len(data.train), cfg.experiment.seed)
     common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
