@@ -384,7 +384,7 @@ def _image_stats(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean(-1), x.std(-1)], dim=1)
 
 
-def _decode_all(paths: list[Path], size: int, num_workers: int, desc: str, show_bar: bool):
+def decode_all(paths: list[Path], size: int, num_workers: int, desc: str, show_bar: bool, batch_size: int = 32):
     """Decode every file in parallel; yield ``(indices, uint8 images [B,3,S,S], {index: error})``."""
     from tqdm.auto import tqdm
 
@@ -394,7 +394,8 @@ def _decode_all(paths: list[Path], size: int, num_workers: int, desc: str, show_
         imgs = torch.stack([img for _, img in ok]) if ok else torch.empty(0, 3, size, size, dtype=torch.uint8)
         return [i for i, _ in ok], imgs, errors
 
-    loader = DataLoader(_DecodeAll(paths, size), batch_size=32, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(_DecodeAll(paths, size), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=torch.cuda.is_available())
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not show_bar, leave=False) as bar:
         for batch in loader:
             yield batch
@@ -409,7 +410,7 @@ def scan_images(paths: list[Path], size: int, num_workers: int, show_bar: bool =
     """
     stats = np.full((len(paths), 6), np.nan)
     errors: dict[int, str] = {}
-    for idx, imgs, errs in _decode_all(paths, size, num_workers, "Checking images", show_bar):
+    for idx, imgs, errs in decode_all(paths, size, num_workers, "Checking images", show_bar):
         if idx:
             stats[idx] = _image_stats(imgs).double().numpy()
         errors.update(errs)
@@ -436,7 +437,7 @@ def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, n
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
         errors: dict[int, str] = {}
-        for idx, imgs, errs in _decode_all(paths, size, num_workers, "Caching images", show_bar):
+        for idx, imgs, errs in decode_all(paths, size, num_workers, "Caching images", show_bar):
             if idx:
                 arr[idx] = imgs.numpy()
             errors.update(errs)
