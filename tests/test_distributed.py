@@ -159,3 +159,23 @@ def test_group_norm_one_vs_two_processes_follow_the_same_curve(tmp_path):
     # The loss must actually move, or equal curves would prove nothing.
     losses = [e.value for e in s1["train/loss"]]
     assert abs(losses[-1] - losses[0]) > 1000 * RTOL * abs(losses[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP config (the FSDP run itself needs GPUs: see docs/DISTRIBUTED.md)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fsdp_config_is_read_by_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from conftest import ROOT
+
+    path = ROOT / "accelerate_configs" / "fsdp.yaml"
+    assert path.read_text().startswith("# ") and "accelerate launch --config_file accelerate_configs/fsdp.yaml" in path.read_text()
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type == DistributedType.FSDP
+    assert cfg.fsdp_config["fsdp_version"] == 2
+    # Resumable states are sharded (Accelerate's FSDP format); best.safetensors is gathered separately.
+    assert cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
