@@ -11,7 +11,8 @@ import yaml
 from conftest import DEFAULT_CONFIG, ROOT, run_main
 from train.config import Config, ConfigError, flatten, load_config, parse_yaml
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yml"))
+# sweep.yml is a W&B sweep file, not a trainer config (tests/test_sweep.py checks it).
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yml") if p.name != "sweep.yml")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -60,6 +61,13 @@ def test_all_problems_are_reported_together():
     assert len(e.value.lines) == 3
     assert "training.epochz" in text and "training.epochs" in text
     assert "training.optimizer.lr" in text and "model.name" in text
+
+
+def test_yaml_1_1_surprises_are_avoided():
+    cfg = load_config(DEFAULT_CONFIG, ["training.max_time=23:50:00", "experiment.name=2024-01-01", "training.mixed_precision=no"])
+    assert cfg.training.max_time == "23:50:00"
+    assert cfg.experiment.name == "2024-01-01"
+    assert cfg.training.mixed_precision == "no"
 
 
 def test_flatten_gives_scalars_only():

@@ -38,6 +38,7 @@ def test_bf16_on_cpu_really_computes_in_bf16():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test may have made one
     try:
         accelerator = Accelerator(cpu=True, mixed_precision="bf16")
         model = accelerator.prepare(build_model(load_config(DEFAULT_CONFIG).model))

@@ -17,12 +17,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class UserError(Exception):
-    """A problem the user can fix (config, data, paths). ``main`` prints ``lines`` and exits 2."""
+class CleanExit(Exception):
+    """Ends the run with ``lines`` on stderr (each after ``prefix``) and ``exit_code``, no traceback."""
+
+    exit_code = 1
+    prefix = "error: "
 
     def __init__(self, lines: list[str] | str):
         self.lines = [lines] if isinstance(lines, str) else list(lines)
         super().__init__("; ".join(self.lines))
+
+
+class UserError(CleanExit):
+    """A problem the user can fix (config, data, paths): exit code 2, nothing existing is touched."""
+
+    exit_code = 2
 
 
 class ConfigError(UserError):
@@ -31,7 +40,8 @@ class ConfigError(UserError):
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must fail, not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `experiment.name=2024` or `tags=[2024]` are names, not errors.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,6 +143,13 @@ class OptimizerConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (ignored by SGD).")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("both betas must be in [0, 1)")
+        return v
+
 
 class SchedulerConfig(_Section):
     name: Literal["none", "cosine", "step", "plateau"] = Field("cosine", description="none | cosine (with warmup) | step | plateau.")
@@ -174,6 +191,11 @@ class TrainingConfig(_Section):
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = Field(None, description="null follows the launcher; no | fp16 (CUDA only) | bf16.")
     max_time: Optional[str] = Field(None, description="Wall-clock limit [DD:]HH:MM:SS: save a full state and stop cleanly before it.")
     on_nonfinite: Literal["stop", "skip_step"] = Field("stop", description="Non-finite loss/gradients: stop the run, or skip that optimizer step on every process.")
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
+
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads per process. null: on CPU, the cores divided among this machine's processes.")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -222,6 +244,16 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    @model_validator(mode="after")
+    def _image_fits_the_model(self):
+        halvings = len(self.model.channels) - 1
+        if self.data.image_size >> halvings < 1:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} is too small for {len(self.model.channels)} blocks "
+                f"(each block after the first halves it); use fewer model.channels or larger images"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------------------------------
 # YAML: numbers as people write them
@@ -236,6 +268,22 @@ class _Loader(yaml.SafeLoader):
     """
 
 
+# YAML 1.1 also reads 23:50:00 as the base-60 integer 85800 and 2024-01-01 as a date; a time
+# limit or a run name must stay a string.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if not tag.endswith((":int", ":float", ":timestamp"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*[eE][-+]?\d+$"),
@@ -353,7 +401,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, secrets redacted (it is printed and saved with the run)."""
+    from train.runinfo import redact
+
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,17 +24,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from train.checkpoints import atomic_write_bytes, checkpoint_metadata, read_checkpoint, save_best
-from train.config import Config, UserError, flatten, to_yaml
+from train.config import CleanExit, Config, UserError, flatten, parse_duration, to_yaml
 from train.data import baselines, build_data, make_loaders
 from train.models import build_model
-from train.runinfo import new_run_name, run_info
-from train.tracking import check_wandb, finish_trackers, log_model_artifact, start_trackers, tracker_list
+from train.runinfo import new_run_name, redact, run_info
+from train.state import Progress, prune, publish, read_progress, resolve_resume, state_name, state_root, write_progress_and_manifest
+from train.stopping import NonFiniteLoss, StopSignals, Stopped, TimeLimit, agree
+from train.tracking import check_wandb, finish_trackers, log_model_artifact, start_trackers, tracker_list, wandb_run_id
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, resume: str | None = None) -> dict:
     """Train, evaluate and track one run described by ``cfg``; return the results dict.
 
-    Raises ``UserError`` for anything the user can fix (before any file is written where possible).
+    ``resume``: ``"auto"`` or a path (see ``train.state.resolve_resume``). Raises ``UserError`` for
+    anything the user can fix (before any file is written where possible), ``Stopped`` after a
+    signal or ``training.max_time`` (a full state is saved), ``NonFiniteLoss`` for NaN/inf.
     """
     # --- Processes and precision ------------------------------------------------------------------
     use_cpu = not torch.cuda.is_available()
@@ -40,41 +46,62 @@ def train(cfg: Config) -> dict:
     # Without cpu=True, `accelerate launch --multi_gpu` on a machine with no GPU starts N unrelated
     # single-process runs that all think they are the main process (N W&B runs); with it, gloo/MULTI_CPU.
     state = PartialState(cpu=use_cpu)
-    if note and state.is_main_process:
-        print(note)
+    say = print if state.is_main_process else (lambda *a, **k: None)
+    if note:
+        say(note)
     set_num_threads(cfg, use_cpu)
-    name = cfg.experiment.name or broadcast_object_list([new_run_name(cfg)])[0]
+
+    # --- Which run: a new one, or a resumed one ----------------------------------------------------
+    resume_dir, progress = None, None
+    if resume:
+        resume_dir, run_dir = resolve_resume(resume, cfg.experiment.output_dir, cfg.experiment.name, warn=say)
+        if resume_dir is not None:
+            progress = read_progress(resume_dir)
+            say(f"Resuming run '{progress.run_name}' from {resume_dir} (epoch {progress.epoch}, step {progress.global_step})")
+        else:
+            say(f"No complete state in '{run_dir}': starting the run from scratch")
+        name = run_dir.name
+    else:
+        name = cfg.experiment.name or broadcast_object_list([new_run_name(cfg)])[0]
+        run_dir = Path(cfg.experiment.output_dir) / name
+        if run_dir.exists():
+            raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name, or continue it with --resume auto")
     cfg = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"name": name})})
-    run_dir = Path(cfg.experiment.output_dir) / name
-    if run_dir.exists():
-        raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name (or remove it)")
     check_wandb(cfg)
 
     # --- Data (before anything is written: a bad manifest must leave no empty run directory) -------
     data = build_data(cfg)
     train_loader, val_loader, test_loader, sampler = make_loaders(cfg, data)
+    # Its own generator: otherwise creating the iterator draws from the global RNG that dropout
+    # uses, and a mid-epoch resume (which creates it at another point) would shift that stream.
+    train_loader.generator = torch.Generator().manual_seed(cfg.experiment.seed)
+    set_seed(cfg.experiment.seed)  # before the model exists: its initialization is part of the run
+    model = build_model(cfg.model)
+    if cfg.model.init_from and progress is None:
+        load_weights_strict(model, cfg.model.init_from, what="model.init_from")
+        say(f"Initialized the model from {cfg.model.init_from}")
 
     # --- Run directory, Accelerator, trackers ----------------------------------------------------
     if state.is_main_process:
-        make_run_dir(run_dir)
-        (run_dir / "config.yaml").write_text(config_yaml(cfg))
+        make_run_dir(run_dir, exist_ok=resume is not None)
+        if not (run_dir / "config.yaml").exists():
+            atomic_write_bytes(run_dir / "config.yaml", config_yaml(cfg).encode())
     state.wait_for_everyone()
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        log_with=tracker_list(cfg, run_dir),
+        # purge_step: TensorBoard hides events at or after the resumed step, so no step repeats.
+        log_with=tracker_list(cfg, run_dir, purge_step=progress.global_step + 1 if progress else None),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
     )
-    set_seed(cfg.experiment.seed)
-    flat_config = {**flatten(cfg.model_dump(mode="json")), **flatten(run_info(), "meta.")}
-    start_trackers(accelerator, cfg, run_dir, flat_config, run_id=None)
+    flat_config = redact({**flatten(cfg.model_dump(mode="json")), **flatten(run_info(), "meta.")})
+    start_trackers(accelerator, cfg, run_dir, flat_config, run_id=progress.wandb_run_id if progress else None)
 
     exit_code = 1
     summary: dict = {}
     try:
-        # --- Model, optimizer, schedule, prepare -------------------------------------------------
-        model = build_model(cfg.model)
+        # --- Optimizer, schedule, prepare, resume ------------------------------------------------
         optimizer = build_optimizer(cfg, model)
         model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader, test_loader
@@ -84,109 +111,163 @@ def train(cfg: Config) -> dict:
         # Counting our own optimizer steps keeps the lr at a given fraction of training the same
         # with 1 and N processes, and lets ReduceLROnPlateau step exactly once per epoch.
         scheduler, step_per_batch = build_scheduler(cfg, optimizer, steps_per_epoch)
-        loss_fn = build_loss(cfg)
-        es = cfg.training.early_stopping
+        loss_fn, eval_loss = build_loss(cfg), build_loss(cfg, reduction="none")
+        es, ck = cfg.training.early_stopping, cfg.checkpoint
         best_path = run_dir / "checkpoints" / "best.safetensors"
         log_every = cfg.logging.log_every_n_steps
         show_bar = accelerator.is_local_main_process and cfg.logging.progress_bar
-
-        global_step, best_value, best_epoch, bad_epochs, stopped_early = 0, math.inf, 0, 0, False
-        lr_used = current_lr(optimizer)
         sign = 1.0 if es.mode == "min" else -1.0
-        t_start = time.perf_counter()
-        for epoch in range(1, cfg.training.epochs + 1):
-            # --- Train one epoch -----------------------------------------------------------------
-            model.train()
-            sampler.set_epoch(epoch)
-            sums = torch.zeros(3, device=accelerator.device)  # loss*n, squared error, n
+        p = progress or Progress(run_name=name, model_config=cfg.model.model_dump(mode="json"))
+        p.wandb_run_id = wandb_run_id(accelerator) or p.wandb_run_id
+        if progress is not None:
+            restore_state(accelerator, model, scheduler, resume_dir, progress)
+        start_epoch = p.epoch + 1 if p.epoch_done else p.epoch
+        time_limit = TimeLimit(parse_duration(cfg.training.max_time) if cfg.training.max_time else None)
+        skipped_steps, val, lr_used = 0, None, current_lr(optimizer)
+
+        def save_state(epoch_done: bool, sums: torch.Tensor) -> None:
+            """Full resumable state; refuses (on_nonfinite=stop) to write non-finite weights."""
+            finite = all_finite(accelerator, model, sums)
+            if not finite and cfg.training.on_nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss or weights in epoch {p.epoch} by step {p.global_step}; no state saved, best.safetensors untouched")
+            p.epoch_done, p.train_sums = epoch_done, [] if epoch_done else sums.tolist()
+            p.scheduler = scheduler.state_dict() if scheduler is not None else None
             t0 = time.perf_counter()
-            bar = tqdm(total=len(train_loader), desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False, disable=not show_bar)
-            for x, y in train_loader:
-                with accelerator.accumulate(model):
-                    pred = model(x).float()
-                    loss = loss_fn(pred, y)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.training.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                # Accumulated on the device: no host sync on steps that do not log.
-                sums += torch.stack([loss.detach() * len(y), (pred.detach() - y).pow(2).sum(), torch.tensor(float(len(y)), device=y.device)])
-                bar.update(1)
-                if accelerator.sync_gradients:
-                    global_step += 1
+            save_full_state(accelerator, run_dir, p, ck.keep_last)
+            time_limit.last_save = time.perf_counter() - t0
+
+        with StopSignals() as signals:
+            for epoch in range(start_epoch, cfg.training.epochs + 1):
+                if p.finished:
+                    break
+                # --- Train one epoch ---------------------------------------------------------
+                model.train()
+                skip = p.batches_done if (not p.epoch_done and epoch == p.epoch) else 0
+                loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+                # On the prepared loader: it passes the epoch to our sampler on every iteration.
+                loader.set_epoch(epoch)
+                # loss*n, squared error, n: accumulated on the device, no host sync on steps that do not log.
+                sums = torch.tensor(p.train_sums, device=accelerator.device) if skip else torch.zeros(3, device=accelerator.device)
+                p.epoch, p.epoch_done, p.batches_done = epoch, False, skip
+                t0 = time.perf_counter()
+                bar = tqdm(total=len(train_loader), initial=skip, desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False, disable=not show_bar)
+                for x, y in loader:
+                    with accelerator.accumulate(model):
+                        pred = model(x).float()
+                        loss = loss_fn(pred, y)
+                        accelerator.backward(loss)
+                        step_ok = True
+                        if accelerator.sync_gradients and (cfg.training.max_grad_norm or cfg.training.on_nonfinite == "skip_step"):
+                            # Gradients are already all-reduced here, so every process sees the same norm
+                            # and skips the same steps. skip_step reads it every step (like fp16's GradScaler).
+                            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm or math.inf)
+                            step_ok = cfg.training.on_nonfinite != "skip_step" or bool(torch.isfinite(norm))
+                        if step_ok:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if step_ok:
+                        sums += torch.stack([loss.detach() * len(y), (pred.detach() - y).pow(2).sum(), torch.tensor(float(len(y)), device=y.device)])
+                    else:
+                        skipped_steps += 1
+                    p.batches_done += 1
+                    bar.update(1)
+                    if not accelerator.sync_gradients:
+                        continue
+                    p.global_step += 1
                     lr_used = current_lr(optimizer)  # the lr this step used, before the schedule moves on
                     if step_per_batch and not accelerator.optimizer_step_was_skipped:
                         scheduler.step()
-                    if global_step % log_every == 0:
-                        loss_step = accelerator.reduce(loss.detach(), "mean").item()  # sync point, log steps only
-                        accelerator.log({"train/loss_step": loss_step, "lr": lr_used}, step=global_step)
-                        bar.set_postfix(loss=f"{loss_step:.4f}")
-            bar.close()
-            sums = accelerator.reduce(sums, "sum")
-            epoch_time = time.perf_counter() - t0
+                    stop_reason = None
+                    if p.global_step % log_every == 0:
+                        # One collective for the log line, the stop flags and the finiteness check.
+                        loss_sum, stop, time_up, bad = agree(accelerator, [loss.detach(), signals.received is not None, time_limit.nearly_up(), ~torch.isfinite(sums).all()])
+                        accelerator.log({"train/loss_step": loss_sum / accelerator.num_processes, "lr": lr_used}, step=p.global_step)
+                        bar.set_postfix(loss=f"{loss_sum / accelerator.num_processes:.4f}")
+                        if bad and cfg.training.on_nonfinite == "stop":
+                            raise NonFiniteLoss(f"non-finite training loss in epoch {epoch} by step {p.global_step}; stopping (best.safetensors untouched)")
+                        stop_reason = "signal" if stop else "max_time" if time_up else None
+                    elif accelerator.num_processes == 1:
+                        stop_reason = "signal" if signals.received else "max_time" if time_limit.nearly_up() else None
+                    if stop_reason:
+                        save_state(epoch_done=False, sums=sums)
+                        raise Stopped(stop_message(stop_reason, signals.received, cfg, run_dir, p))
+                    if ck.every_n_steps and p.global_step % ck.every_n_steps == 0 and p.batches_done < len(train_loader):
+                        save_state(epoch_done=False, sums=sums)
+                bar.close()
+                sums = accelerator.reduce(sums, "sum")
+                epoch_time = time.perf_counter() - t0
 
-            # --- Validate over the whole val set, exactly once ------------------------------------
-            val = evaluate(accelerator, model, val_loader, loss_fn, data.target_std)
-            n_train = sums[2].item()
-            metrics = {
-                "train/loss": sums[0].item() / n_train,
-                "train/rmse": math.sqrt(sums[1].item() / n_train) * data.target_std,
-                **{f"val/{k}": v for k, v in val.items() if k != "n"},
-                "lr": lr_used,
-                "epoch": epoch,
-                "epoch_time_s": epoch_time,
-                "samples_per_s": n_train / epoch_time,
-            }
-            value = metrics[es.monitor]
-            improved = math.isfinite(value) and (best_epoch == 0 or sign * (best_value - value) > es.min_delta)
-            if improved:
-                best_value, best_epoch, bad_epochs = value, epoch, 0
-                meta = checkpoint_metadata(
-                    model_cfg=cfg.model, epoch=epoch, global_step=global_step, monitor=es.monitor, value=value,
-                    target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
-                    pixel_std=data.pixel_std, image_size=cfg.data.image_size,
-                )
-                save_best_checkpoint(accelerator, model, best_path, meta, log_artifact=cfg.logging.wandb.log_model)
-            else:
-                bad_epochs += 1
-            if best_epoch:
-                metrics["best/" + es.monitor.split("/")[1]] = best_value
-            accelerator.log(metrics, step=global_step)
-            if accelerator.is_main_process:
-                print_epoch(epoch, cfg.training.epochs, metrics, improved)
-            if scheduler is not None and not step_per_batch:
-                # Every process computed the same gathered value, so every process steps alike.
-                scheduler.step(value) if cfg.training.scheduler.name == "plateau" else scheduler.step()
-            if es.enabled and bad_epochs >= es.patience:
-                stopped_early = True
-                accelerator.print(f"Early stopping: {es.monitor} did not improve for {es.patience} epochs (best {best_value:.6f} at epoch {best_epoch})")
-                break
-        train_time = time.perf_counter() - t_start
+                # --- Validate over the whole val set, exactly once --------------------------------
+                val = evaluate(accelerator, model, val_loader, eval_loss, data.target_std)
+                n_train = max(sums[2].item(), 1.0)
+                metrics = {
+                    "train/loss": sums[0].item() / n_train,
+                    "train/rmse": math.sqrt(sums[1].item() / n_train) * data.target_std,
+                    **{f"val/{k}": v for k, v in val.items() if k != "n"},
+                    "lr": lr_used,
+                    "epoch": epoch,
+                    "epoch_time_s": epoch_time,
+                    "samples_per_s": n_train / epoch_time,
+                }
+                if skipped_steps:
+                    metrics["train/skipped_steps"] = skipped_steps
+                value = metrics[es.monitor]
+                improved = math.isfinite(value) and (p.best_epoch == 0 or sign * (p.best_value - value) > es.min_delta)
+                if improved:
+                    p.best_value, p.best_epoch, p.bad_epochs = value, epoch, 0
+                    meta = checkpoint_metadata(
+                        model_cfg=cfg.model, epoch=epoch, global_step=p.global_step, monitor=es.monitor, value=value,
+                        target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
+                        pixel_std=data.pixel_std, image_size=cfg.data.image_size,
+                    )
+                    save_best_checkpoint(accelerator, model, best_path, meta, log_artifact=cfg.logging.wandb.log_model)
+                else:
+                    p.bad_epochs += 1
+                if p.best_epoch:
+                    metrics["best/" + es.monitor.split("/")[1]] = p.best_value
+                accelerator.log(metrics, step=p.global_step)
+                say_epoch = tqdm.write if accelerator.is_main_process else (lambda *a: None)
+                say_epoch(epoch_block(epoch, cfg.training.epochs, metrics, improved))
+                if scheduler is not None and not step_per_batch:
+                    # Every process computed the same gathered value, so every process steps alike.
+                    scheduler.step(value) if cfg.training.scheduler.name == "plateau" else scheduler.step()
+                if es.enabled and p.bad_epochs >= es.patience:
+                    p.stopped_early = True
+                    say(f"Early stopping: {es.monitor} did not improve for {es.patience} epochs (best {p.best_value:.6f} at epoch {p.best_epoch})")
+                p.finished = p.stopped_early or epoch == cfg.training.epochs
+                p.batches_done = 0
+                # --- End of epoch: an agreement point for stopping, and a full state --------------
+                stop, time_up = agree(accelerator, [signals.received is not None, time_limit.nearly_up()])
+                stop_reason = "signal" if stop else "max_time" if (time_up and not p.finished) else None
+                if stop_reason or p.finished or (ck.every_n_epochs and epoch % ck.every_n_epochs == 0):
+                    save_state(epoch_done=True, sums=torch.zeros(3, device=accelerator.device))
+                if stop_reason:
+                    raise Stopped(stop_message(stop_reason, signals.received, cfg, run_dir, p))
+        train_time = time.perf_counter() - time_limit.start
 
         # --- Test with the best weights -------------------------------------------------------------
         accelerator.wait_for_everyone()
-        if best_epoch:
+        if p.best_epoch:
             load_best_weights(accelerator, model, best_path)
         else:
-            accelerator.print(f"warning: {es.monitor} was never finite; testing the last weights")
-        test = evaluate(accelerator, model, test_loader, loss_fn, data.target_std)
+            say(f"warning: {es.monitor} was never finite; testing the last weights")
+        test = evaluate(accelerator, model, test_loader, eval_loss, data.target_std)
         test_metrics = {f"test/{k}": v for k, v in test.items() if k != "n"}
-        accelerator.log(test_metrics, step=global_step)
+        accelerator.log(test_metrics, step=p.global_step)
         base = baselines(data, num_workers=cfg.data.num_workers) if accelerator.is_main_process else {}
         results = {
             **test_metrics,
             **base,
             "test/rmse_over_mean_baseline": test["rmse"] / base["baseline/mean_rmse"] if base else None,
             "test/rmse_over_colour_linear_baseline": test["rmse"] / base["baseline/colour_linear_rmse"] if base else None,
-            "best_epoch": best_epoch,
-            f"best/{es.monitor.split('/')[1]}": best_value,
-            "epochs_run": epoch,
-            "stopped_early": stopped_early,
-            "global_step": global_step,
+            "best_epoch": p.best_epoch,
+            f"best/{es.monitor.split('/')[1]}": p.best_value if p.best_epoch else None,
+            "epochs_run": p.epoch,
+            "stopped_early": p.stopped_early,
+            "global_step": p.global_step,
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
-            "val_samples": int(val["n"]),
+            "val_samples": int(val["n"]) if val else None,
             "test_samples": int(test["n"]),
             "train_time_s": train_time,
             "run_dir": str(run_dir),
@@ -197,11 +278,11 @@ def train(cfg: Config) -> dict:
         summary = {k: v for k, v in results.items() if v is not None and k != "run_dir"}
         exit_code = 0
         return results
-    except UserError:
-        exit_code = 2
+    except CleanExit as e:
+        exit_code = e.exit_code
         raise
     finally:
-        finish_trackers(accelerator, exit_code, summary)
+        finish_trackers(accelerator, exit_code, summary, preempted=exit_code == Stopped.exit_code)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,10 +317,10 @@ def set_num_threads(cfg: Config, use_cpu: bool) -> None:
         torch.set_num_threads(max(1, cores // local_processes))
 
 
-def make_run_dir(run_dir: Path) -> None:
+def make_run_dir(run_dir: Path, exist_ok: bool = False) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "checkpoints").mkdir()
+        run_dir.mkdir(parents=True, exist_ok=exist_ok)
+        (run_dir / "checkpoints").mkdir(exist_ok=exist_ok)
     except FileExistsError:
         raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name") from None
     except OSError as e:
@@ -285,10 +366,11 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     return None, False
 
 
-def build_loss(cfg: Config):
+def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
+    """The configured loss on standardized targets; ``reduction="none"`` gives per-sample values."""
     if cfg.training.loss == "huber":
-        return nn.HuberLoss(delta=cfg.training.huber_delta)
-    return nn.L1Loss() if cfg.training.loss == "l1" else nn.MSELoss()
+        return nn.HuberLoss(delta=cfg.training.huber_delta, reduction=reduction)
+    return nn.L1Loss(reduction=reduction) if cfg.training.loss == "l1" else nn.MSELoss(reduction=reduction)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -296,14 +378,13 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader, loss_fn, target_std: float) -> dict[str, float]:
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, per_sample, target_std: float) -> dict[str, float]:
     """Loss (standardized units), RMSE and MAE (years) over the whole split, all processes together.
 
     ``gather_for_metrics`` drops the samples the distributed sampler repeats to even out the last
     batch, and RMSE comes from the summed squared errors, never from an average of per-process RMSEs.
     """
     model.eval()
-    per_sample = type(loss_fn)(**({"delta": loss_fn.delta} if isinstance(loss_fn, nn.HuberLoss) else {}), reduction="none")
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     for x, y in loader:
         pred = model(x).float()
@@ -326,6 +407,85 @@ def save_best_checkpoint(accelerator: Accelerator, model: nn.Module, path: Path,
     accelerator.wait_for_everyone()
 
 
+def save_full_state(accelerator: Accelerator, run_dir: Path, progress: Progress, keep_last: int) -> None:
+    """``save_state`` into a temporary directory, seal it with progress + manifest, rename, prune.
+
+    Every process takes part (each writes its own RNG state); only the main process seals it.
+    """
+    final = state_root(run_dir) / state_name(progress.global_step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_progress_and_manifest(tmp, progress)
+            publish(tmp, final)
+            prune(run_dir, keep_last)
+    except OSError as e:
+        # The previous states are untouched: only the temporary directory was being written.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the state {final} ({e.strerror or e}); the previous states are intact. Free disk space or check permissions, then resume with --resume auto") from None
+    accelerator.wait_for_everyone()
+
+
+def restore_state(accelerator: Accelerator, model: nn.Module, scheduler, state_dir: Path, progress: Progress) -> None:
+    """Load a verified state: weights (checked against the configured model first), optimizer, RNGs."""
+    check_tensors_match(accelerator.unwrap_model(model), read_checkpoint_tensors(state_dir / "model.safetensors"), f"--resume {state_dir}")
+    accelerator.load_state(str(state_dir))
+    if scheduler is not None and progress.scheduler:
+        scheduler.load_state_dict(progress.scheduler)
+
+
+def read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise UserError(f"'{path}' is not a readable safetensors file ({e})") from None
+
+
+def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """UserError naming every tensor that is missing, unexpected or of another shape."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = [f"{k}: missing" for k in expected if k not in got]
+    problems += [f"{k}: not in the configured model" for k in got if k not in expected]
+    problems += [f"{k}: shape {got[k]} vs {expected[k]} in the configured model" for k in expected if k in got and got[k] != expected[k]]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise UserError(f"{what}: the checkpoint does not fit the configured model ({len(problems)} tensors differ: {shown}); check the model section")
+
+
+def load_weights_strict(model: nn.Module, path: str, what: str) -> None:
+    """Warm start: weights only, from a best.safetensors or any state's model.safetensors."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what}: '{p}' not found")
+    tensors = read_checkpoint_tensors(p)
+    check_tensors_match(model, tensors, f"{what} '{p}'")
+    model.load_state_dict(tensors)
+
+
+def all_finite(accelerator: Accelerator, model: nn.Module, sums: torch.Tensor) -> bool:
+    """True when the epoch's loss sums and every weight are finite on every process."""
+    local = torch.isfinite(sums).all() & torch.stack([torch.isfinite(t).all() for t in model.parameters()]).all()
+    return agree(accelerator, [~local])[0] == 0
+
+
+def stop_message(reason: str, signal_name: str | None, cfg: Config, run_dir: Path, p: Progress) -> list[str]:
+    why = f"{signal_name} received" if reason == "signal" else f"training.max_time ({cfg.training.max_time}) nearly reached"
+    launcher = "accelerate launch [same launcher options]" if "LOCAL_RANK" in os.environ else "python"
+    args = " ".join(a for a in sys.argv[1:] if not a.startswith("--resume") and not a.startswith("experiment.name="))
+    return [
+        f"Stopped: {why}; full state saved at epoch {p.epoch}, step {p.global_step} in {state_root(run_dir) / state_name(p.global_step)}",
+        f"Resume with: {launcher} train/main.py {args} experiment.name={cfg.experiment.name} --resume auto",
+    ]
+
+
 def load_best_weights(accelerator: Accelerator, model: nn.Module, path: Path) -> None:
     """Load ``best.safetensors`` into the model on every process (read on main, then broadcast)."""
     payload = [read_checkpoint(path)[0] if accelerator.is_main_process else None]
@@ -333,9 +493,10 @@ def load_best_weights(accelerator: Accelerator, model: nn.Module, path: Path) ->
     accelerator.unwrap_model(model).load_state_dict(state_dict)
 
 
-def print_epoch(epoch: int, epochs: int, m: dict, improved: bool) -> None:
+def epoch_block(epoch: int, epochs: int, m: dict, improved: bool) -> str:
+    """The original design's per-epoch console block."""
     star = "  (best so far, saved)" if improved else ""
-    tqdm.write(
+    return (
         f"\nEpoch [{epoch}/{epochs}] Results:{star}\n"
         f"  Train Loss: {m['train/loss']:.6f}  |  Train RMSE: {m['train/rmse']:.6f}\n"
         f"  Val Loss:   {m['val/loss']:.6f}  |  Val RMSE:   {m['val/rmse']:.6f}\n"

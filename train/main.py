@@ -5,7 +5,10 @@
     python train/main.py --config configs/model_config.yml --print-config
 
 Everything after the options is a dotted ``key=value`` override, validated like the file.
-Exit codes: 0 done, 2 bad input (config, data, paths: one ``error:`` line each, no traceback).
+Exit codes: 0 done; 1 the run failed (e.g. a non-finite loss, or a crash with a traceback);
+2 bad input (config, data, paths: one ``error:`` line each, no traceback, nothing existing touched);
+3 stopped early on purpose with a full state saved (a signal, or training.max_time): resume with
+``--resume auto``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ if __package__ in (None, ""):
     # make the `train` package importable without an install.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.config import UserError, load_config, to_yaml  # noqa: E402
+from train.config import CleanExit, load_config, to_yaml  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,8 +33,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="configs/model_config.yml", help="YAML config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--resume", metavar="auto|PATH",
+        help="auto: continue <output_dir>/<experiment.name> from its newest complete state, or start it fresh if "
+        "there is none; PATH: a run directory or one of its checkpoints/state/step_* directories",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.optimizer.lr=1e-3")
-    return parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # W&B sweep agents may pass --key=value (its ${args}); accept those as overrides too.
+    for item in unknown:
+        if not (item.startswith("--") and "=" in item):
+            parser.error(f"unrecognized argument: {item}")
+        args.overrides.append(item[2:])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from train.loop import train  # heavy imports (torch, accelerate) only when training
 
-        train(cfg)
-    except UserError as e:
+        train(cfg, resume=args.resume)
+    except CleanExit as e:
         for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+            print(f"{e.prefix}{line}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

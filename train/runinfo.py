@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 import secrets
 import subprocess
 import time
@@ -35,3 +37,25 @@ def run_info() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             info[package] = "not installed"
     return info
+
+
+_SECRET_KEY = re.compile(r"(key|token|secret|password|passwd|credential)", re.IGNORECASE)
+
+
+def redact(values: dict) -> dict:
+    """Copy of a (nested or flat) config dict with secrets hidden: values of keys named like
+    key/token/secret/password, and the W&B API key wherever it appears in a string."""
+    api_key = os.environ.get("WANDB_API_KEY")
+
+    def clean(key: str, v):
+        if isinstance(v, dict):
+            return {k: clean(k, x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(key, x) for x in v]
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and v not in (None, ""):
+            return "***"
+        if api_key and isinstance(v, str) and api_key in v:
+            return v.replace(api_key, "***")
+        return v
+
+    return {k: clean(k, v) for k, v in values.items()}

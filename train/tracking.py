@@ -38,6 +38,7 @@ class RunTensorBoard(GeneralTracker):
         self.log_dir = str(log_dir)
         self.purge_step = purge_step
         self.writer = None
+        self.exit_code = 0
 
     @on_main_process
     def start(self):
@@ -56,8 +57,10 @@ class RunTensorBoard(GeneralTracker):
         clean = {k: ("null" if v is None else v) for k, v in values.items()}
         # Declaring the metrics lets the HPARAMS tab show them next to the hyperparameters.
         metrics = {"val/rmse": 0.0, "val/loss": 0.0, "test/rmse": 0.0, "test/mae": 0.0}
-        for summary in hparams(clean, metrics):
-            self.writer.file_writer.add_summary(summary)
+        experiment, session_start, _ = hparams(clean, metrics)
+        # The session-end record (success or failure) is written by finish(), once the outcome is known.
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(session_start)
         self.writer.flush()
 
     @on_main_process
@@ -73,8 +76,18 @@ class RunTensorBoard(GeneralTracker):
 
     @on_main_process
     def finish(self):
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams.api_pb2 import Status
+        from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
+        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+
+        status = Status.Value("STATUS_SUCCESS" if self.exit_code == 0 else "STATUS_FAILURE")
+        content = HParamsPluginData(session_end_info=SessionEndInfo(status=status), version=PLUGIN_DATA_VERSION)
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content.SerializeToString()))
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)]))
+        self.writer.close()
 
 
 def wandb_mode(cfg: Config) -> str:
@@ -111,9 +124,9 @@ def check_wandb(cfg: Config) -> None:
 def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_config: dict[str, Any], run_id: str | None) -> None:
     """Start TensorBoard/W&B on the main process with the resolved, flattened config."""
     w = cfg.logging.wandb
-    if w.enabled:
+    if w.enabled and "WANDB_DATA_DIR" not in os.environ:
         # Offline artifacts are staged under WANDB_DATA_DIR; keeping it inside the run directory
-        # means copying that one directory is enough for a later `wandb sync`.
+        # means copying that one directory is enough for a later `wandb sync` (unless you set it).
         os.environ["WANDB_DATA_DIR"] = str(run_dir / "wandb" / "data")
     init_kwargs = {
         "wandb": {
@@ -128,7 +141,7 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_co
     }
     # Trackers only exist on the main process; the other processes get an empty list.
     accelerator.init_trackers(w.project, config=flat_config, init_kwargs=init_kwargs)
-    if w.enabled and accelerator.is_main_process:
+    if w.enabled and wandb_mode(cfg) != "disabled" and accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)
         print("Weights & Biases logging initialized")
         print(f"  Project: {run.project}")
@@ -145,9 +158,14 @@ def tracker_list(cfg: Config, run_dir: Path, purge_step: int | None = None) -> l
     trackers: list = []
     if cfg.logging.tensorboard:
         trackers.append(RunTensorBoard(run_dir / "tensorboard", purge_step=purge_step))
-    if cfg.logging.wandb.enabled:
+    if cfg.logging.wandb.enabled and wandb_mode(cfg) != "disabled":
         trackers.append("wandb")
     return trackers
+
+
+def wandb_run_id(accelerator: Accelerator) -> str | None:
+    run = wandb_run(accelerator)
+    return run.id if run is not None else None
 
 
 def wandb_run(accelerator: Accelerator):
@@ -172,12 +190,18 @@ def log_model_artifact(accelerator: Accelerator, path: Path, metadata: dict[str,
     run.log_artifact(artifact, aliases=["best", "latest"])
 
 
-def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str, Any] | None = None) -> None:
-    """Close every tracker; the W&B run ends ``finished`` (0) or ``failed`` (non-zero)."""
+def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str, Any] | None = None, preempted: bool = False) -> None:
+    """Close every tracker; the W&B run ends ``finished`` (0) or ``failed`` (non-zero), marked
+    preempting first when the run stopped to be resumed."""
+    for tracker in accelerator.trackers:
+        if isinstance(tracker, RunTensorBoard):
+            tracker.exit_code = exit_code
     run = wandb_run(accelerator)
     if run is not None:
         if summary:
             run.summary.update(summary)
+        if preempted:
+            run.mark_preempting()
         # end_training() would call finish() with exit code 0 whatever happened.
         run.finish(exit_code=exit_code)
     accelerator.end_training()
