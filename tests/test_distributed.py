@@ -82,7 +82,8 @@ def test_sync_batchnorm_two_cpu_processes_print_the_message_once(out):
 def test_two_simulated_machines_make_one_run(out):
     # One process per "machine"; both launches must run at the same time to form the gloo group.
     port = str(free_port())
-    args = ["--config", DEFAULT_CONFIG, *tiny(out, **{"experiment.name": "two-nodes", "logging.wandb.enabled": "true", "training.num_threads": 1})]
+    extra = {"experiment.name": "two-nodes", "logging.wandb.enabled": "true", "training.num_threads": 1}
+    args = ["--config", DEFAULT_CONFIG, *tiny(out, **extra)]
     procs = [
         popen_main(args, accelerate_launch(
             "--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),

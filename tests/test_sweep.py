@@ -154,7 +154,8 @@ def test_offline_sweep_can_be_interrupted_and_continued(tmp_path):
     sweep_dir = out / "s"
     args = [str(f), "--max-runs", "3", "--output-dir", str(out), *TINY]
     # Interrupt (Ctrl-C) while the second trial is writing its run directory.
-    proc = subprocess.Popen([sys.executable, "-m", "train.sweep", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "train.sweep", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 90
         while not (sweep_dir / "s-001" / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
@@ -209,3 +210,16 @@ def test_trial_under_a_wandb_agent_logs_to_wandb_with_typed_swept_keys(tmp_path)
     config = wandb_summary(offline[0])["config"]
     assert config["training.optimizer.lr"] == 1e-05 and config["training.max_grad_norm"] is None
     assert config["logging.tensorboard"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="needs the lead's wiring: tracking.py passes logging.wandb.group to wandb.init (see the report)", strict=False)
+def test_sweep_trials_are_grouped_in_wandb(tmp_path):
+    from conftest import wandb_records
+
+    f = _sweep_file(tmp_path, "  training.optimizer.lr: {values: [1.0e-3]}\n")
+    out = tmp_path / "runs"
+    r = run_sweep_cli([str(f), "--output-dir", str(out), *TINY, "logging.wandb.enabled=true"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = [rec["run"] for rec in wandb_records(out / "s" / "s-000") if rec.get("type") == "run"]
+    assert runs and all(run.get("run_group") == "s" for run in runs)

@@ -143,4 +143,5 @@ def maybe_sync_batchnorm(model: nn.Module, cfg: "ModelConfig", num_processes: in
             f"images. For statistics that do not depend on the process count use model.norm=group."
         )
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model, f"model.sync_batchnorm: converted {n_bn} BatchNorm layers to SyncBatchNorm (statistics over all {num_processes} processes)"
+    return model, (f"model.sync_batchnorm: converted {n_bn} BatchNorm layers to SyncBatchNorm "
+                   f"(statistics over all {num_processes} processes)")

@@ -201,7 +201,8 @@ def make_trials(spec: dict, max_runs: int | None, seed: int) -> list[dict[str, A
     return [{k: _sample(p, random.Random(f"{seed}:{i}:{k}")) for k, p in params.items()} for i in range(max_runs)]
 
 
-def trial_command(spec: dict, params: dict, fixed: list[str], sweep_dir: Path, sweep_name: str, trial: str, launch_args: list[str]) -> list[str]:
+def trial_command(spec: dict, params: dict, fixed: list[str], sweep_dir: Path, sweep_name: str, trial: str,
+                  launch_args: list[str]) -> list[str]:
     """The trial's command line, built from the sweep file's ``command`` as the W&B agent would,
     with ``accelerate`` run from this interpreter and the sweep's own overrides appended last."""
     overrides = [*fixed, *(f"{k}={agent_text(v)}" for k, v in params.items()),
@@ -419,7 +420,8 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.sweep", description="Run a W&B-format sweep file offline, one `accelerate launch` per trial.")
+    p = argparse.ArgumentParser(prog="python -m train.sweep",
+                                description="Run a W&B-format sweep file offline, one `accelerate launch` per trial.")
     p.add_argument("sweep_file", help="sweep YAML in W&B's format, e.g. configs/sweep.yml")
     p.add_argument("--max-runs", type=int, default=None, help="trials in the sweep (required for random/bayes; cuts a grid)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random trial draws (default: %(default)s)")
