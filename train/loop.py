@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from train.checkpoints import atomic_write_bytes, checkpoint_metadata, read_checkpoint, save_best
 from train.config import CleanExit, Config, UserError, flatten, parse_duration, to_yaml
 from train.data import baselines, build_data, make_loaders
-from train.models import build_model
+from train.models import build_model, maybe_sync_batchnorm
 from train.runinfo import new_run_name, redact, run_info
 from train.state import Progress, prune, publish, read_progress, resolve_resume, state_name, state_root, write_progress_and_manifest
 from train.stopping import NonFiniteLoss, StopSignals, Stopped, TimeLimit, agree
@@ -67,6 +67,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         if run_dir.exists():
             raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name, or continue it with --resume auto")
     cfg = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"name": name})})
+    if os.environ.get("WANDB_SWEEP_ID") and not cfg.logging.wandb.enabled:
+        # Under `wandb agent` the trial reports to the sweep whatever the config file says.
+        say("W&B sweep agent detected (WANDB_SWEEP_ID): logging.wandb.enabled=true for this trial")
+        cfg.logging.wandb.enabled = True
     check_wandb(cfg)
 
     # --- Data (before anything is written: a bad manifest must leave no empty run directory) -------
@@ -80,6 +84,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if cfg.model.init_from and progress is None:
         load_weights_strict(model, cfg.model.init_from, what="model.init_from")
         say(f"Initialized the model from {cfg.model.init_from}")
+    model, bn_note = maybe_sync_batchnorm(model, cfg.model, state.num_processes, use_cpu)
+    if bn_note:
+        say(bn_note)
 
     # --- Run directory, Accelerator, trackers ----------------------------------------------------
     if state.is_main_process:

@@ -133,6 +133,7 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_co
             "entity": w.entity,
             "name": w.run_name or cfg.experiment.name,
             "tags": list(w.tags),
+            "group": w.group,
             "mode": wandb_mode(cfg),
             "dir": str(run_dir),
             "id": run_id,
