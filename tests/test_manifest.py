@@ -345,3 +345,11 @@ def test_read_manifest_rows_without_dates(tmp_path):
     rows = read_manifest_rows(csv, root, "file", None)
     assert len(rows.paths) == 5 and all(np.isnan(rows.years))
 
+
+
+def test_benchmark_script_runs_on_a_tiny_collection(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/data.py", "--images", "40", "--image-size", "16", "--batch-size", "8",
+                        "--num-workers", "0", "--steps", "2", "--workdir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cached / decoding" in r.stdout and "cached / training step" in r.stdout

@@ -68,6 +68,9 @@ class DatedImages(Dataset):
     def raw(self, i: int) -> torch.Tensor:
         return self.images[i]
 
+    def raw_many(self, idx: list[int]) -> torch.Tensor:
+        return self.images[idx]
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (None, key)
         x = self.raw(i)
@@ -77,6 +80,20 @@ class DatedImages(Dataset):
         y = (self.years[i] - self.target_mean) / self.target_std
         return x, y.float()
 
+    def __getitems__(self, keys: list) -> list:
+        """A whole batch at once (the DataLoader calls this when it exists): one read and one
+        vectorized normalization instead of per-image work, same values as ``__getitem__``."""
+        pairs = [k if isinstance(k, tuple) else (None, k) for k in keys]
+        idx = [i for _, i in pairs]
+        raw = self.raw_many(idx)
+        x = raw.float()
+        if self.augment is not None:
+            x = torch.stack([augment_image(raw[j], self.augment, self.seed, e, i) if e is not None else x[j]
+                             for j, (e, i) in enumerate(pairs)])
+        x = (x / 255.0 - self.mean) / self.std
+        y = ((self.years[idx] - self.target_mean) / self.target_std).float()
+        return list(zip(x, y))
+
 
 class ManifestImages(DatedImages):
     """Images decoded from files on each access (Pillow), resized to ``size`` x ``size``."""
@@ -85,6 +102,9 @@ class ManifestImages(DatedImages):
         super().__init__(images=torch.empty(0), years=years)
         self.paths = paths
         self.size = size
+
+    def raw_many(self, idx: list[int]) -> torch.Tensor:
+        return torch.stack([self.raw(i) for i in idx])
 
     def raw(self, i: int) -> torch.Tensor:
         try:
@@ -120,6 +140,9 @@ class CachedImages(DatedImages):
 
     def raw(self, i: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.array[self.slots[i]]))
+
+    def raw_many(self, idx: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.array[self.slots[idx]]))  # one fancy-indexed read
 
 
 def decode_image(path: Path, size: int) -> torch.Tensor:
@@ -656,10 +679,17 @@ def make_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader, DataL
     """
     d = cfg.data
     sampler = EpochSampler(len(data.train), cfg.experiment.seed)
-    common = dict(num_workers=d.num_workers, persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
-    train = DataLoader(data.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, **common)
-    val = DataLoader(data.val, batch_size=d.eval_batch_size, shuffle=False, **common)
-    test = DataLoader(data.test, batch_size=d.eval_batch_size, shuffle=False, **common)
+
+    def common(ds: DatedImages) -> dict:
+        # Workers pay off only where there is per-image work (decoding, augmentation). A cached or
+        # in-memory split without augmentation is one array read and one vectorized normalization
+        # per batch (__getitems__); shipping that batch back from a worker costs more than making it.
+        n = d.num_workers if (isinstance(ds, ManifestImages) or ds.augment is not None) else 0
+        return dict(num_workers=n, persistent_workers=n > 0, pin_memory=torch.cuda.is_available())
+
+    train = DataLoader(data.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, **common(data.train))
+    val = DataLoader(data.val, batch_size=d.eval_batch_size, shuffle=False, **common(data.val))
+    test = DataLoader(data.test, batch_size=d.eval_batch_size, shuffle=False, **common(data.test))
     return train, val, test, sampler
 
 
