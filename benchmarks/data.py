@@ -1,0 +1,163 @@
+"""Data-loading speed on a generated collection of JPEGs: decoding vs the cache vs a training step.
+
+    python benchmarks/data.py                       # 2,000 JPEGs of 256x256 -> 64x64, batch 64, 2 workers
+    python benchmarks/data.py --images 4000 --image-size 32 --num-workers 1
+
+Measured in one run, as images per second:
+- decoding: the train loader alone, one epoch, decoding and resizing every JPEG (no cache). The
+  files were just written, so they come from the OS page cache, not from disk: the cost measured is
+  decoding, the part the cache removes.
+- cache build: the one-time decode into the memory-mapped array (what the first run pays).
+- cached: the train loader alone, one epoch, reading the memory-mapped cache; also with the
+  augmentations on (flip, resized crop, brightness), which run per sample after the cache.
+- training step: the default model (``build_model`` of the default config) forward + backward +
+  AdamW step on batches of the same size, no loader.
+
+Goal (the data issue): cached >= 5x decoding, and cached >= 2x the training step, so that the loader
+is never what a run waits for. Results for this machine are in docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from train.config import load_config  # noqa: E402
+from train.data import build_data, make_loaders  # noqa: E402
+from train.models import build_model  # noqa: E402
+from train.synthetic import make_synthetic  # noqa: E402
+
+
+def generate(root: Path, n: int, source_size: int, seed: int = 0) -> Path:
+    """``n`` synthetic dated images upscaled to ``source_size`` and saved as JPEGs, plus a manifest."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["path,date"]
+    for a in range(0, n, 256):
+        images, years = make_synthetic(min(256, n - a), 64, seed + a)
+        for k, (img, year) in enumerate(zip(images, years)):
+            name = f"img{a + k:05d}.jpg"
+            im = Image.fromarray(img.transpose(1, 2, 0)).resize((source_size, source_size), Image.BICUBIC)
+            im.save(root / name, quality=90)
+            lines.append(f"{name},{year:.4f}")
+    csv = root / "manifest.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def loader_rate(cfg, data, repeats: int = 3) -> float:
+    """Images/s of a pass over the train loader, the loader alone; the best of ``repeats`` epochs
+    (a shared machine's other load only ever slows a pass down)."""
+    train, _, _, sampler = make_loaders(cfg, data)
+    best = 0.0
+    for epoch in range(1, repeats + 1):
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        n = sum(len(y) for _, y in train)
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def train_step_rate(cfg, steps: int) -> float:
+    """Images/s of forward + backward + AdamW steps of the default model, on random batches."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
+    y = torch.randn(cfg.data.batch_size)
+
+    def step():
+        loss = torch.nn.functional.mse_loss(model(x).float().view(-1), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: allocator, first-call overheads
+        step()
+    best = 0.0
+    for _ in range(3):  # best of three, as for the loader
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = max(best, steps * cfg.data.batch_size / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=2000, help="JPEGs to generate (default: %(default)s)")
+    ap.add_argument("--source-size", type=int, default=256, help="side of the generated JPEGs (default: %(default)s)")
+    ap.add_argument("--image-size", type=int, default=64, help="data.image_size the loader resizes to (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=64, help="data.batch_size (default: %(default)s)")
+    ap.add_argument("--num-workers", type=int, default=2, help="data.num_workers (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps (default: %(default)s)")
+    ap.add_argument("--workdir", default=None, help="where to write the images and the cache (default: a temp dir)")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        csv = generate(tmp / "images", args.images, args.source_size)
+        print(f"generated {args.images} JPEGs of {args.source_size}x{args.source_size} in {time.perf_counter() - t0:.1f} s")
+        base = [
+            "data.kind=manifest", f"data.manifest.path={csv}", f"data.image_size={args.image_size}",
+            f"data.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}", "logging.progress_bar=false",
+            f"experiment.output_dir={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}",
+        ]
+        cfg_plain = load_config(None, base)
+        cfg_cache = load_config(None, base + ["data.cache=true"])
+        cfg_aug = load_config(None, base + ["data.cache=true", "data.augment.hflip=true", "data.augment.crop_scale_min=0.7",
+                                            "data.augment.brightness=0.1"])
+
+        t0 = time.perf_counter()
+        plain = build_data(cfg_plain)  # includes the startup check: every image decoded once
+        startup = time.perf_counter() - t0
+        decoding = loader_rate(cfg_plain, plain)
+        t0 = time.perf_counter()
+        cached_data = build_data(cfg_cache)
+        build_s = time.perf_counter() - t0
+        cached = loader_rate(cfg_cache, cached_data)
+        cached_aug = loader_rate(cfg_aug, build_data(cfg_aug))
+        t0 = time.perf_counter()
+        build_data(cfg_cache)
+        reopen_s = time.perf_counter() - t0
+        step = train_step_rate(cfg_cache, args.steps)
+
+    n_train = len(plain.train)
+    print(f"\nmachine: {cpu_name()}, load average {__import__('os').getloadavg()[0]:.1f}, {len(__import__('os').sched_getaffinity(0))} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"images {args.images} ({n_train} in the train split), {args.source_size}px JPEG -> {args.image_size}px, "
+          f"batch {args.batch_size}, num_workers {args.num_workers}")
+    print(f"startup without cache (decode check of all images): {startup:6.2f} s")
+    print(f"cache build (first run, all images):                {build_s:6.2f} s  ({args.images / build_s:8.0f} images/s)")
+    print(f"startup with an existing cache (later runs):        {reopen_s:6.2f} s")
+    print(f"loader, decoding JPEGs:       {decoding:9.0f} images/s")
+    print(f"loader, cached:               {cached:9.0f} images/s")
+    print(f"loader, cached + augment:     {cached_aug:9.0f} images/s")
+    print(f"training step (default model): {step:8.0f} images/s")
+    print(f"\ncached / decoding:              {cached / decoding:6.1f}x   (goal >= 5x)")
+    print(f"cached / training step:         {cached / step:6.1f}x   (goal >= 2x)")
+    print(f"cached + augment / training step: {cached_aug / step:4.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
