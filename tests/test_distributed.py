@@ -62,7 +62,6 @@ def test_sync_batchnorm_no_ops_are_explained():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the lead's wiring: loop.py calls maybe_sync_batchnorm after build_model (see the report)", strict=False)
 def test_sync_batchnorm_two_cpu_processes_print_the_message_once(out):
     r = run_main(
         ["--config", DEFAULT_CONFIG, *tiny(out, **{"experiment.name": "sbn", "model.sync_batchnorm": "true", "training.epochs": 1})],

@@ -196,7 +196,6 @@ def test_offline_sweep_can_be_interrupted_and_continued(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the lead's wiring: WANDB_SWEEP_ID turns W&B logging on (see the report)", strict=False)
 def test_trial_under_a_wandb_agent_logs_to_wandb_with_typed_swept_keys(tmp_path):
     # What `wandb agent` runs: the sweep's command with every value as text, WANDB_SWEEP_ID set,
     # and W&B off in the config. The trial must still log to W&B with the swept keys typed.
@@ -213,7 +212,6 @@ def test_trial_under_a_wandb_agent_logs_to_wandb_with_typed_swept_keys(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the lead's wiring: tracking.py passes logging.wandb.group to wandb.init (see the report)", strict=False)
 def test_sweep_trials_are_grouped_in_wandb(tmp_path):
     from conftest import wandb_records
 
