@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import DEFAULT_CONFIG, accelerate_launch, free_port, run_dir_of, run_main, tb_scalars, tiny, wandb_records, wandb_summary
+from conftest import DEFAULT_CONFIG, accelerate_launch, free_port, run_main, tb_scalars, tiny, wandb_records, wandb_summary
 from train.config import ModelConfig
 from train.data import build_data
 from train.config import load_config

@@ -4,7 +4,6 @@ preemption by SIGTERM, corrupt states, warm starts, time limits, non-finite loss
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

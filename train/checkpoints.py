@@ -95,9 +95,9 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, str]]:
 
 def predict_years(model: torch.nn.Module, metadata: dict[str, str], images_uint8: torch.Tensor) -> torch.Tensor:
     """Dates in decimal years for a batch of uint8 ``[B, 3, H, W]`` images (already resized)."""
-    mean = torch.tensor(json.loads(metadata["pixel_mean"])).view(1, 3, 1, 1)
-    std = torch.tensor(json.loads(metadata["pixel_std"])).view(1, 3, 1, 1)
+    mean = torch.tensor(json.loads(metadata["pixel_mean"]), device=images_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(json.loads(metadata["pixel_std"]), device=images_uint8.device).view(1, 3, 1, 1)
     x = (images_uint8.float() / 255.0 - mean) / std
     with torch.no_grad():
         out = model(x).double()
-    return out * float(metadata["target_std"]) + float(metadata["target_mean"])
+    return out.cpu() * float(metadata["target_std"]) + float(metadata["target_mean"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -28,7 +29,9 @@ from train.config import CleanExit, Config, UserError, flatten, parse_duration, 
 from train.data import baselines, build_data, make_loaders
 from train.models import build_model, maybe_sync_batchnorm
 from train.runinfo import new_run_name, redact, run_info
-from train.state import Progress, prune, publish, read_progress, resolve_resume, state_name, state_root, write_progress_and_manifest
+from train.state import (
+    Progress, list_states, prune, publish, read_progress, resolve_resume, state_name, state_root, write_progress_and_manifest,
+)
 from train.stopping import NonFiniteLoss, StopSignals, Stopped, TimeLimit, agree
 from train.tracking import check_wandb, finish_trackers, log_model_artifact, start_trackers, tracker_list, wandb_run_id
 
@@ -99,11 +102,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         # purge_step: TensorBoard hides events at or after the resumed step, so no step repeats.
-        log_with=tracker_list(cfg, run_dir, purge_step=progress.global_step + 1 if progress else None),
+        log_with=tracker_list(cfg, run_dir, purge_step=progress.global_step + 1 if progress else (0 if resume else None)),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
     )
     flat_config = redact({**flatten(cfg.model_dump(mode="json")), **flatten(run_info(), "meta.")})
     start_trackers(accelerator, cfg, run_dir, flat_config, run_id=progress.wandb_run_id if progress else None)
+    if data.skipped_rows and progress is None:
+        accelerator.log({"data/skipped_rows": data.skipped_rows}, step=0)
 
     exit_code = 1
     summary: dict = {}
@@ -125,9 +130,17 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         show_bar = accelerator.is_local_main_process and cfg.logging.progress_bar
         sign = 1.0 if es.mode == "min" else -1.0
         p = progress or Progress(run_name=name, model_config=cfg.model.model_dump(mode="json"))
+        p.num_processes = accelerator.num_processes
         p.wandb_run_id = wandb_run_id(accelerator) or p.wandb_run_id
         if progress is not None:
+            if not progress.epoch_done and progress.num_processes != accelerator.num_processes:
+                raise UserError(
+                    f"--resume: {resume_dir} was saved mid-epoch with {progress.num_processes} processes; resume it with "
+                    f"{progress.num_processes} (the batches already seen are counted per process), or from an epoch-end state"
+                )
             restore_state(accelerator, model, scheduler, resume_dir, progress)
+            if accelerator.is_main_process:
+                set_aside_newer_states(run_dir, progress.global_step)
         start_epoch = p.epoch + 1 if p.epoch_done else p.epoch
         time_limit = TimeLimit(parse_duration(cfg.training.max_time) if cfg.training.max_time else None)
         skipped_steps, val, lr_used = 0, None, current_lr(optimizer)
@@ -276,6 +289,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             "mixed_precision": accelerator.mixed_precision,
             "val_samples": int(val["n"]) if val else None,
             "test_samples": int(test["n"]),
+            "skipped_rows": data.skipped_rows,
             "train_time_s": train_time,
             "run_dir": str(run_dir),
         }
@@ -438,6 +452,14 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, progress: Progress,
     accelerator.wait_for_everyone()
 
 
+def set_aside_newer_states(run_dir: Path, step: int) -> None:
+    """Resuming from an older state abandons the newer ones: rename them (never delete) so that a
+    later ``--resume auto`` does not jump back onto the abandoned branch."""
+    for newer in list_states(run_dir):
+        if int(newer.name.split("_")[1]) > step:
+            newer.rename(newer.with_name(f"abandoned-{newer.name}"))
+
+
 def restore_state(accelerator: Accelerator, model: nn.Module, scheduler, state_dir: Path, progress: Progress) -> None:
     """Load a verified state: weights (checked against the configured model first), optimizer, RNGs."""
     check_tensors_match(accelerator.unwrap_model(model), read_checkpoint_tensors(state_dir / "model.safetensors"), f"--resume {state_dir}")
@@ -486,7 +508,15 @@ def all_finite(accelerator: Accelerator, model: nn.Module, sums: torch.Tensor) -
 def stop_message(reason: str, signal_name: str | None, cfg: Config, run_dir: Path, p: Progress) -> list[str]:
     why = f"{signal_name} received" if reason == "signal" else f"training.max_time ({cfg.training.max_time}) nearly reached"
     launcher = "accelerate launch [same launcher options]" if "LOCAL_RANK" in os.environ else "python"
-    args = " ".join(a for a in sys.argv[1:] if not a.startswith("--resume") and not a.startswith("experiment.name="))
+    kept, skip_next = [], False
+    for a in sys.argv[1:]:
+        if skip_next:
+            skip_next = False
+        elif a == "--resume":
+            skip_next = True
+        elif not a.startswith(("--resume=", "experiment.name=")):
+            kept.append(a)
+    args = " ".join(shlex.quote(a) for a in kept)
     return [
         f"Stopped: {why}; full state saved at epoch {p.epoch}, step {p.global_step} in {state_root(run_dir) / state_name(p.global_step)}",
         f"Resume with: {launcher} train/main.py {args} experiment.name={cfg.experiment.name} --resume auto",

@@ -14,6 +14,7 @@ Exit codes: 0 done; 1 the run failed (e.g. a non-finite loss, or a crash with a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
         train(cfg, resume=args.resume)
     except CleanExit as e:
-        for line in e.lines:
-            print(f"{e.prefix}{line}", file=sys.stderr)
+        # Errors may differ between processes, so each prints its own; a deliberate stop is the
+        # same everywhere and is told once.
+        if e.prefix or os.environ.get("RANK", "0") == "0":
+            for line in e.lines:
+                print(f"{e.prefix}{line}", file=sys.stderr)
         return e.exit_code
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -83,15 +82,7 @@ def list_inputs(input_path: str | Path, path_column: str = "path", date_column: 
 
 
 def _years(model: torch.nn.Module, metadata: dict[str, str], images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return predict_years(model, metadata, images)
-    # predict_years builds its normalization tensors on the CPU; the same arithmetic on the device.
-    mean = torch.tensor(json.loads(metadata["pixel_mean"]), device=device).view(1, 3, 1, 1)
-    std = torch.tensor(json.loads(metadata["pixel_std"]), device=device).view(1, 3, 1, 1)
-    x = (images.to(device, non_blocking=True).float() / 255.0 - mean) / std
-    with torch.no_grad():
-        out = model(x).double().cpu()
-    return out * float(metadata["target_std"]) + float(metadata["target_mean"])
+    return predict_years(model, metadata, images.to(device, non_blocking=True))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -53,6 +53,7 @@ class Progress:
     scheduler: dict[str, Any] | None = None
     train_sums: list[float] = field(default_factory=list)  # partial epoch sums, for mid-epoch saves
     model_config: dict[str, Any] = field(default_factory=dict)
+    num_processes: int = 1
     format: str = STATE_FORMAT
 
 
