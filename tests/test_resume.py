@@ -4,6 +4,7 @@ preemption by SIGTERM, corrupt states, warm starts, time limits, non-finite loss
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -275,3 +276,43 @@ def test_secrets_are_redacted(out):
     summary = wandb_summary(next((out / "sec/wandb").glob("offline-run-*")))
     assert key not in json.dumps(summary["config"])
     assert key not in r.stdout + r.stderr
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(out):
+    # Only rank 1 gets the signal: the ranks agree at the next log step, save one state, exit 3.
+    from conftest import accelerate_launch, free_port
+
+    cmd = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())) + [MAIN] + args(
+        out, "two", **{"training.epochs": 20, "checkpoint.every_n_epochs": 1}
+    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_state(out / "two", proc)
+    children = subprocess.run(["pgrep", "-f", f"{MAIN}.*experiment.name=two"], capture_output=True, text=True).stdout.split()
+    def rank(pid: str) -> str | None:
+        items = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        return dict(i.split("=", 1) for i in items if "=" in i).get("RANK")
+
+    workers = [int(pid) for pid in children if rank(pid) == "1"]
+    assert len(workers) == 1, children
+    os.kill(workers[0], signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # the launcher reports the workers' exit code 3 as a failure
+    assert stderr.count("Stopped: ") == 1 and "signal to another process received; full state saved" in stderr, stderr[-3000:]
+    state = newest_complete(out / "two")
+    assert verify(state) is None and read_progress(state).num_processes == 2
+    assert not (out / "two/results.json").exists()
+
+
+def test_corrupt_best_checkpoint_at_the_test_evaluation(out):
+    extra = """
+real_load = loop.load_best_weights
+def load_best_weights(accelerator, model, path):
+    path.write_bytes(path.read_bytes()[:50])  # corrupted behind the trainer's back
+    return real_load(accelerator, model, path)
+loop.load_best_weights = load_best_weights
+"""
+    r = run_injected(args(out, "cb", **{"training.epochs": 1}), bad_call=-1, extra=extra)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "best.safetensors' is not a readable safetensors file" in r.stderr and "Traceback" not in r.stderr
+    assert verify(list_states(out / "cb")[-1]) is None, "the full state is still there to retry from"
+    assert not (out / "cb/results.json").exists()

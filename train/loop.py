@@ -210,7 +210,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                         stop_reason = "signal" if signals.received else "max_time" if time_limit.nearly_up() else None
                     if stop_reason:
                         save_state(epoch_done=False, sums=sums)
-                        raise Stopped(stop_message(stop_reason, signals.received, cfg, run_dir, p))
+                        raise announce_stop(accelerator, stop_message(stop_reason, signals.received, cfg, run_dir, p))
                     if ck.every_n_steps and p.global_step % ck.every_n_steps == 0 and p.batches_done < len(train_loader):
                         save_state(epoch_done=False, sums=sums)
                 bar.close()
@@ -262,7 +262,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 if stop_reason or p.finished or (ck.every_n_epochs and epoch % ck.every_n_epochs == 0):
                     save_state(epoch_done=True, sums=torch.zeros(3, device=accelerator.device))
                 if stop_reason:
-                    raise Stopped(stop_message(stop_reason, signals.received, cfg, run_dir, p))
+                    raise announce_stop(accelerator, stop_message(stop_reason, signals.received, cfg, run_dir, p))
         train_time = time.perf_counter() - time_limit.start
 
         # --- Test with the best weights -------------------------------------------------------------
@@ -505,8 +505,19 @@ def all_finite(accelerator: Accelerator, model: nn.Module, sums: torch.Tensor) -
     return agree(accelerator, [~local])[0] == 0
 
 
+def announce_stop(accelerator: Accelerator, lines: list[str]) -> Stopped:
+    """Print the stop lines once (main process) before any process exits: torchrun ends the other
+    workers as soon as one exits non-zero, which could otherwise swallow them."""
+    if accelerator.is_main_process:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    accelerator.wait_for_everyone()
+    stop = Stopped(lines)
+    stop.printed = True
+    return stop
+
+
 def stop_message(reason: str, signal_name: str | None, cfg: Config, run_dir: Path, p: Progress) -> list[str]:
-    why = f"{signal_name} received" if reason == "signal" else f"training.max_time ({cfg.training.max_time}) nearly reached"
+    why = f"{signal_name or 'a signal to another process'} received" if reason == "signal" else f"training.max_time ({cfg.training.max_time}) nearly reached"
     launcher = "accelerate launch [same launcher options]" if "LOCAL_RANK" in os.environ else "python"
     kept, skip_next = [], False
     for a in sys.argv[1:]:
@@ -525,6 +536,14 @@ def stop_message(reason: str, signal_name: str | None, cfg: Config, run_dir: Pat
 
 def load_best_weights(accelerator: Accelerator, model: nn.Module, path: Path) -> None:
     """Load ``best.safetensors`` into the model on every process (read on main, then broadcast)."""
+    if getattr(accelerator, "is_fsdp2", False):
+        # Sharded parameters: let torch scatter the full state dict from rank 0 (not run on a GPU
+        # here yet; see docs/DISTRIBUTED.md).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = read_checkpoint(path)[0] if accelerator.is_main_process else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        return
     payload = [read_checkpoint(path)[0] if accelerator.is_main_process else None]
     state_dict = broadcast_object_list(payload)[0] if accelerator.num_processes > 1 else payload[0]
     accelerator.unwrap_model(model).load_state_dict(state_dict)

@@ -14,7 +14,6 @@ Exit codes: 0 done; 1 the run failed (e.g. a non-finite loss, or a crash with a 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -60,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
         train(cfg, resume=args.resume)
     except CleanExit as e:
-        # Errors may differ between processes, so each prints its own; a deliberate stop is the
-        # same everywhere and is told once.
-        if e.prefix or os.environ.get("RANK", "0") == "0":
+        # Errors may differ between processes, so each prints its own; a deliberate stop was
+        # already told once by the main process.
+        if not getattr(e, "printed", False):
             for line in e.lines:
                 print(f"{e.prefix}{line}", file=sys.stderr)
         return e.exit_code
