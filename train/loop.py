@@ -303,7 +303,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         exit_code = e.exit_code
         raise
     finally:
-        finish_trackers(accelerator, exit_code, summary, preempted=exit_code == Stopped.exit_code)
+        finish_trackers(accelerator, exit_code, summary, preempted=exit_code == Stopped.exit_code, together=exit_code in (0, Stopped.exit_code))
 
 
 # --------------------------------------------------------------------------------------------------

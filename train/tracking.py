@@ -191,9 +191,16 @@ def log_model_artifact(accelerator: Accelerator, path: Path, metadata: dict[str,
     run.log_artifact(artifact, aliases=["best", "latest"])
 
 
-def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str, Any] | None = None, preempted: bool = False) -> None:
+def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str, Any] | None = None, preempted: bool = False,
+                    together: bool = False) -> None:
     """Close every tracker; the W&B run ends ``finished`` (0) or ``failed`` (non-zero), marked
-    preempting first when the run stopped to be resumed."""
+    preempting first when the run stopped to be resumed.
+
+    ``together``: every process is known to be here (a normal end or an agreed stop). They then wait
+    for each other before the process group is destroyed: a worker that tore down gloo while the main
+    process was still closing the trackers occasionally aborted at exit ("terminate called without an
+    active exception", SIGABRT) and failed the launch. Not done after an error, where another process
+    may be inside a different collective and a barrier could pair with it and hang."""
     for tracker in accelerator.trackers:
         if isinstance(tracker, RunTensorBoard):
             tracker.exit_code = exit_code
@@ -205,4 +212,6 @@ def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str,
             run.mark_preempting()
         # end_training() would call finish() with exit code 0 whatever happened.
         run.finish(exit_code=exit_code)
+    if together and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
     accelerator.end_training()
