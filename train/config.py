@@ -197,6 +197,10 @@ class TrainingConfig(_Section):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
 
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads per process. null: on CPU, the cores divided among this machine's processes.")
+    compile: bool = Field(False, description="torch.compile the model (in place: checkpoints keep their keys). Pays off on GPUs for long runs.")
+    compile_backend: str = Field("inductor", description="torch.compile backend: inductor (needs a C++ compiler on CPU), aot_eager, eager, ...")
+    channels_last: bool = Field(False, description="Model and inputs in channels-last memory format (faster convolutions on recent GPUs, often with mixed precision).")
+    tf32: bool = Field(False, description="CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere+). Ignored on CPU.")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -224,15 +228,29 @@ class WandbConfig(_Section):
     group: Optional[str] = Field(None, description="W&B group (sweeps set it to the sweep name).")
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(None, description="null follows WANDB_MODE (online when unset).")
     log_model: bool = Field(True, description="Log the best checkpoint as a W&B model artifact.")
-    log_predictions: bool = Field(False, description="Log a table of predictions (optional extra).")
-    log_gradients: bool = Field(False, description="Log gradient histograms (optional extra).")
-    watch_model: bool = Field(False, description="Call wandb.watch on the model (optional extra).")
+    watch_model: bool = Field(False, description="wandb.watch on the model (main process): parameter histograms, and gradient histograms unless logging.log_gradients already makes them.")
+    watch_log_freq: Optional[int] = Field(None, ge=1, description="wandb.watch logs every this many optimizer steps. null: logging.histograms_every_n_steps.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, values):
+        # The original design had these under wandb; they now feed TensorBoard too.
+        for key in ("log_predictions", "log_gradients"):
+            if isinstance(values, dict) and key in values:
+                raise ValueError(f"logging.wandb.{key} moved to logging.{key} (it logs to TensorBoard as well as W&B)")
+        return values
 
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard events under <run_dir>/tensorboard.")
     log_every_n_steps: int = Field(50, ge=1, description="Log train/loss_step every this many optimizer steps.")
     progress_bar: bool = Field(True, description="Show a tqdm bar on the main process.")
+    log_predictions: bool = Field(False, description="Val predictions every predictions_every_n_epochs (and test at the end): W&B table of a fixed sample, residual histogram, RMSE by decade, worst predictions.")
+    predictions_every_n_epochs: int = Field(1, ge=1, description="log_predictions: every this many epochs (and the last).")
+    num_predictions: int = Field(32, ge=1, le=1000, description="log_predictions: images in the W&B table (the same ones every time).")
+    log_gradients: bool = Field(False, description="Per-layer gradient norms every log_every_n_steps, gradient histograms every histograms_every_n_steps, to both trackers.")
+    histograms_every_n_steps: int = Field(500, ge=1, description="Gradient (log_gradients) and wandb.watch histograms every this many optimizer steps.")
+    system_metrics: bool = Field(False, description="TensorBoard gets process RSS, CPU % and CUDA memory each epoch (W&B records its own system metrics).")
     wandb: WandbConfig = WandbConfig()
 
 

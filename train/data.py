@@ -61,6 +61,7 @@ class DatedImages(Dataset):
         self.augment: AugmentConfig | None = None  # set on the train split only
         self.seed = 0
         self.stats: np.ndarray | None = None  # per-image channel stats, when already computed
+        self.paths: list[Path] | None = None  # source files, where the images came from files
 
     def __len__(self) -> int:
         return len(self.years)
@@ -587,6 +588,7 @@ def _read_manifest(cfg: Config):
     for ix in idx:
         if cache_file is not None:
             ds = CachedImages(cache_file, ix, years[ix])
+            ds.paths = [rows.paths[i] for i in ix]  # names only (prediction tables); pixels come from the cache
         else:
             ds = ManifestImages([rows.paths[i] for i in ix], years[ix], d.image_size)
             ds.stats = stats[ix]

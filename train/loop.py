@@ -27,6 +27,10 @@ from tqdm.auto import tqdm
 from train.checkpoints import atomic_write_bytes, checkpoint_metadata, read_checkpoint, save_best
 from train.config import CleanExit, Config, UserError, flatten, parse_duration, to_yaml
 from train.data import baselines, build_data, make_loaders
+from train.extras import (
+    SystemMetrics, gradient_histograms, gradient_layers, gradient_norms, gradient_scale, log_rich, log_system_metrics,
+    prediction_sample, prediction_values, watch_model,
+)
 from train.models import build_model, maybe_sync_batchnorm
 from train.runinfo import new_run_name, redact, run_info
 from train.state import (
@@ -34,6 +38,9 @@ from train.state import (
 )
 from train.stopping import NonFiniteLoss, StopSignals, Stopped, TimeLimit, agree
 from train.tracking import check_wandb, finish_trackers, log_model_artifact, start_trackers, tracker_list, wandb_run_id
+
+
+WORST_ROWS = 10  # rows of the worst-predictions table (log_predictions)
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
@@ -52,7 +59,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     say = print if state.is_main_process else (lambda *a, **k: None)
     if note:
         say(note)
-    set_num_threads(cfg, use_cpu)
+    say(set_num_threads(cfg, use_cpu))
+    if cfg.training.tf32:
+        say(enable_tf32(use_cpu))
 
     # --- Which run: a new one, or a resumed one ----------------------------------------------------
     resume_dir, progress = None, None
@@ -90,6 +99,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     model, bn_note = maybe_sync_batchnorm(model, cfg.model, state.num_processes, use_cpu)
     if bn_note:
         say(bn_note)
+    memory_format = torch.channels_last if cfg.training.channels_last else None
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
+    if cfg.training.compile:
+        # In place (nn.Module.compile): the state dict keeps its keys, so checkpoints, resume and
+        # predict work unchanged. A smaller last batch compiles once more, then shapes are dynamic.
+        model.compile(backend=cfg.training.compile_backend)
 
     # --- Run directory, Accelerator, trackers ----------------------------------------------------
     if state.is_main_process:
@@ -112,6 +128,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
     exit_code = 1
     summary: dict = {}
+    lg = cfg.logging
     try:
         # --- Optimizer, schedule, prepare, resume ------------------------------------------------
         optimizer = build_optimizer(cfg, model)
@@ -124,6 +141,12 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         # with 1 and N processes, and lets ReduceLROnPlateau step exactly once per epoch.
         scheduler, step_per_batch = build_scheduler(cfg, optimizer, steps_per_epoch)
         loss_fn, eval_loss = build_loss(cfg), build_loss(cfg, reduction="none")
+        # Optional logging (train/extras.py); all off by default.
+        grad_layers = gradient_layers(accelerator.unwrap_model(model)) if lg.log_gradients and accelerator.is_main_process else None
+        watch_model(accelerator, model, cfg)
+        system = SystemMetrics(accelerator.device) if lg.system_metrics and accelerator.is_main_process else None
+        val_sample = prediction_sample(len(data.val), lg.num_predictions, cfg.experiment.seed)
+        test_sample = prediction_sample(len(data.test), lg.num_predictions, cfg.experiment.seed)
         es, ck = cfg.training.early_stopping, cfg.checkpoint
         best_path = run_dir / "checkpoints" / "best.safetensors"
         log_every = cfg.logging.log_every_n_steps
@@ -143,7 +166,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 set_aside_newer_states(run_dir, progress.global_step)
         start_epoch = p.epoch + 1 if p.epoch_done else p.epoch
         time_limit = TimeLimit(parse_duration(cfg.training.max_time) if cfg.training.max_time else None)
-        skipped_steps, val, lr_used = 0, None, current_lr(optimizer)
+        skipped_steps, val, lr_used = 0, None, current_lrs(optimizer)
+        epoch_times: list[float] = []  # train + validation + logging, checkpoint writes excluded
+        grad_log: dict[str, float] = {}
 
         def save_state(epoch_done: bool, sums: torch.Tensor) -> None:
             """Full resumable state; refuses (on_nonfinite=stop) to write non-finite weights."""
@@ -169,14 +194,23 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 # loss*n, squared error, n: accumulated on the device, no host sync on steps that do not log.
                 sums = torch.tensor(p.train_sums, device=accelerator.device) if skip else torch.zeros(3, device=accelerator.device)
                 p.epoch, p.epoch_done, p.batches_done = epoch, False, skip
-                t0 = time.perf_counter()
+                t0, checkpoint_s = time.perf_counter(), 0.0
                 bar = tqdm(total=len(train_loader), initial=skip, desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False, disable=not show_bar)
                 for x, y in loader:
+                    if memory_format is not None:
+                        x = x.contiguous(memory_format=memory_format)
                     with accelerator.accumulate(model):
                         pred = model(x).float()
                         loss = loss_fn(pred, y)
                         accelerator.backward(loss)
                         step_ok = True
+                        if grad_layers is not None and accelerator.sync_gradients:
+                            # Before clipping, on the all-reduced gradients, divided by fp16's loss scale.
+                            next_step = p.global_step + 1
+                            if next_step % log_every == 0:
+                                grad_log = gradient_norms(grad_layers, gradient_scale(accelerator))
+                            if next_step % lg.histograms_every_n_steps == 0:
+                                log_rich(accelerator, gradient_histograms(grad_layers, gradient_scale(accelerator)), step=next_step)
                         if accelerator.sync_gradients and (cfg.training.max_grad_norm or cfg.training.on_nonfinite == "skip_step"):
                             # Gradients are already all-reduced here, so every process sees the same norm
                             # and skips the same steps. skip_step reads it every step (like fp16's GradScaler).
@@ -194,14 +228,17 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     if not accelerator.sync_gradients:
                         continue
                     p.global_step += 1
-                    lr_used = current_lr(optimizer)  # the lr this step used, before the schedule moves on
+                    lr_used = current_lrs(optimizer)  # the lr this step used, before the schedule moves on
                     if step_per_batch and not accelerator.optimizer_step_was_skipped:
                         scheduler.step()
                     stop_reason = None
                     if p.global_step % log_every == 0:
                         # One collective for the log line, the stop flags and the finiteness check.
                         loss_sum, stop, time_up, bad = agree(accelerator, [loss.detach(), signals.received is not None, time_limit.nearly_up(), ~torch.isfinite(sums).all()])
-                        accelerator.log({"train/loss_step": loss_sum / accelerator.num_processes, "lr": lr_used}, step=p.global_step)
+                        step_log = {"train/loss_step": loss_sum / accelerator.num_processes, **lr_used}
+                        if grad_layers is not None:
+                            step_log.update(grad_log)
+                        accelerator.log(step_log, step=p.global_step)
                         bar.set_postfix(loss=f"{loss_sum / accelerator.num_processes:.4f}")
                         if bad and cfg.training.on_nonfinite == "stop":
                             raise NonFiniteLoss(f"non-finite training loss in epoch {epoch} by step {p.global_step}; stopping (best.safetensors untouched)")
@@ -218,13 +255,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 epoch_time = time.perf_counter() - t0
 
                 # --- Validate over the whole val set, exactly once --------------------------------
-                val = evaluate(accelerator, model, val_loader, eval_loss, data.target_std)
+                val = evaluate(accelerator, model, val_loader, eval_loss, data.target_std, memory_format, keep=lg.log_predictions)
                 n_train = max(sums[2].item(), 1.0)
                 metrics = {
                     "train/loss": sums[0].item() / n_train,
                     "train/rmse": math.sqrt(sums[1].item() / n_train) * data.target_std,
-                    **{f"val/{k}": v for k, v in val.items() if k != "n"},
-                    "lr": lr_used,
+                    **{f"val/{k}": v for k, v in val.items() if k not in ("n", "pred", "y")},
+                    **lr_used,
                     "epoch": epoch,
                     "epoch_time_s": epoch_time,
                     "samples_per_s": n_train / epoch_time,
@@ -240,22 +277,33 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                         target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
                         pixel_std=data.pixel_std, image_size=cfg.data.image_size,
                     )
+                    tc = time.perf_counter()
                     save_best_checkpoint(accelerator, model, best_path, meta, log_artifact=cfg.logging.wandb.log_model)
+                    checkpoint_s += time.perf_counter() - tc
                 else:
                     p.bad_epochs += 1
                 if p.best_epoch:
                     metrics["best/" + es.monitor.split("/")[1]] = p.best_value
+                if es.enabled:
+                    p.stopped_early = p.bad_epochs >= es.patience
+                    metrics["early_stopping/bad_epochs"] = p.bad_epochs
+                    metrics["early_stopping/patience_left"] = es.patience - p.bad_epochs
+                p.finished = p.stopped_early or epoch == cfg.training.epochs
                 accelerator.log(metrics, step=p.global_step)
+                if lg.log_predictions and (epoch % lg.predictions_every_n_epochs == 0 or p.finished) and accelerator.is_main_process:
+                    log_rich(accelerator, prediction_values("val", data.val, val["pred"], val["y"], data.target_mean, data.target_std, val_sample, WORST_ROWS), step=p.global_step)
+                log_system_metrics(accelerator, system, step=p.global_step)
                 say_epoch = tqdm.write if accelerator.is_main_process else (lambda *a: None)
-                say_epoch(epoch_block(epoch, cfg.training.epochs, metrics, improved))
+                say_epoch(epoch_block(epoch, cfg.training.epochs, metrics, improved, es if es.enabled else None, p))
                 if scheduler is not None and not step_per_batch:
                     # Every process computed the same gathered value, so every process steps alike.
                     scheduler.step(value) if cfg.training.scheduler.name == "plateau" else scheduler.step()
-                if es.enabled and p.bad_epochs >= es.patience:
-                    p.stopped_early = True
-                    say(f"Early stopping: {es.monitor} did not improve for {es.patience} epochs (best {p.best_value:.6f} at epoch {p.best_epoch})")
-                p.finished = p.stopped_early or epoch == cfg.training.epochs
+                if p.stopped_early:
+                    reason = f"{es.monitor} did not improve by more than {es.min_delta} for {es.patience} epochs (best {p.best_value:.6f} at epoch {p.best_epoch})"
+                    say(f"Early stopping at epoch {epoch}: {reason}")
+                    accelerator.log({"early_stopping/stopped_epoch": epoch, "early_stopping/reason": reason}, step=p.global_step)
                 p.batches_done = 0
+                epoch_times.append(time.perf_counter() - t0 - checkpoint_s)
                 # --- End of epoch: an agreement point for stopping, and a full state --------------
                 stop, time_up = agree(accelerator, [signals.received is not None, time_limit.nearly_up()])
                 stop_reason = "signal" if stop else "max_time" if (time_up and not p.finished) else None
@@ -271,9 +319,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             load_best_weights(accelerator, model, best_path)
         else:
             say(f"warning: {es.monitor} was never finite; testing the last weights")
-        test = evaluate(accelerator, model, test_loader, eval_loss, data.target_std)
-        test_metrics = {f"test/{k}": v for k, v in test.items() if k != "n"}
+        test = evaluate(accelerator, model, test_loader, eval_loss, data.target_std, memory_format, keep=lg.log_predictions)
+        test_metrics = {f"test/{k}": v for k, v in test.items() if k not in ("n", "pred", "y")}
         accelerator.log(test_metrics, step=p.global_step)
+        if lg.log_predictions and accelerator.is_main_process:
+            log_rich(accelerator, prediction_values("test", data.test, test["pred"], test["y"], data.target_mean, data.target_std, test_sample, WORST_ROWS), step=p.global_step)
         base = baselines(data, num_workers=cfg.data.num_workers) if accelerator.is_main_process else {}
         results = {
             **test_metrics,
@@ -291,12 +341,15 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             "test_samples": int(test["n"]),
             "skipped_rows": data.skipped_rows,
             "train_time_s": train_time,
+            "epoch_times_s": epoch_times,
             "run_dir": str(run_dir),
         }
         if accelerator.is_main_process:
             atomic_write_bytes(run_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
             print_results(results)
-        summary = {k: v for k, v in results.items() if v is not None and k != "run_dir"}
+        summary = {k: v for k, v in results.items() if v is not None and k not in ("run_dir", "epoch_times_s")}
+        if p.stopped_early:
+            summary["early_stopping/stopped_epoch"] = p.epoch
         exit_code = 0
         return results
     except CleanExit as e:
@@ -327,15 +380,34 @@ def resolve_mixed_precision(cfg: Config, use_cpu: bool) -> tuple[str, str | None
     return wanted, note
 
 
-def set_num_threads(cfg: Config, use_cpu: bool) -> None:
-    """Intra-op CPU threads. `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which
-    would leave all but one core idle; by default each process gets its share of the cores."""
+def set_num_threads(cfg: Config, use_cpu: bool) -> str:
+    """Intra-op CPU threads; returns the line that says how many and why.
+
+    `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which would leave all but one
+    core idle; by default each process gets its share of this machine's cores instead.
+    """
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
-    elif use_cpu:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, cores // local_processes))
+        return f"CPU threads per process: {cfg.training.num_threads} (training.num_threads)"
+    if not use_cpu:
+        return f"CPU threads per process: {torch.get_num_threads()} (GPU run: the default)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, cores // local_processes))
+    return f"CPU threads per process: {torch.get_num_threads()} ({cores} cores / {local_processes} process(es) on this machine; set training.num_threads to change)"
+
+
+def enable_tf32(use_cpu: bool) -> str:
+    """TF32 tensor cores for fp32 matmuls and convolutions (CUDA, Ampere or newer)."""
+    if use_cpu:
+        return "note: training.tf32 has no effect on the CPU"
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is an error
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return "TF32 enabled for fp32 matmuls and convolutions"
 
 
 def make_run_dir(run_dir: Path, exist_ok: bool = False) -> None:
@@ -356,10 +428,18 @@ def config_yaml(cfg: Config) -> str:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Two named parameter groups: weight decay on conv/linear weights, none on biases and norm
+    parameters (decaying those only pulls them to zero; nanoGPT and HF Trainer split the same way)."""
     o = cfg.training.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
     if o.name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -394,28 +474,42 @@ def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
     return nn.L1Loss(reduction=reduction) if cfg.training.loss == "l1" else nn.MSELoss(reduction=reduction)
 
 
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    return optimizer.param_groups[0]["lr"]
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``lr`` (the first group's, shown on the console) and ``lr/<group name>`` for every group."""
+    groups = optimizer.param_groups
+    return {"lr": groups[0]["lr"], **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}}
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader, per_sample, target_std: float) -> dict[str, float]:
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, per_sample, target_std: float,
+             memory_format: torch.memory_format | None = None, keep: bool = False) -> dict:
     """Loss (standardized units), RMSE and MAE (years) over the whole split, all processes together.
 
     ``gather_for_metrics`` drops the samples the distributed sampler repeats to even out the last
     batch, and RMSE comes from the summed squared errors, never from an average of per-process RMSEs.
+    ``keep``: also return the gathered standardized predictions and targets (``pred``, ``y``, on the
+    CPU) in dataset order: the loader is not shuffled and each gather concatenates the processes'
+    consecutive batches.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for x, y in loader:
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
         pred = model(x).float()
         pred, y = accelerator.gather_for_metrics((pred, y))
         err = pred - y
         sums += torch.stack([per_sample(pred, y).sum(), err.pow(2).sum(), err.abs().sum(), torch.tensor(float(len(y)), device=y.device)]).double()
+        if keep:
+            kept.append((pred.cpu(), y.cpu()))
     model.train()
     loss_sum, sq, ab, n = sums.tolist()
     n = max(n, 1.0)
-    return {"loss": loss_sum / n, "rmse": math.sqrt(sq / n) * target_std, "mae": ab / n * target_std, "n": n}
+    out = {"loss": loss_sum / n, "rmse": math.sqrt(sq / n) * target_std, "mae": ab / n * target_std, "n": n}
+    if keep:
+        out["pred"], out["y"] = (torch.cat(t) for t in zip(*kept)) if kept else (torch.zeros(0), torch.zeros(0))
+    return out
 
 
 def save_best_checkpoint(accelerator: Accelerator, model: nn.Module, path: Path, meta: dict[str, str], log_artifact: bool) -> None:
@@ -549,15 +643,18 @@ def load_best_weights(accelerator: Accelerator, model: nn.Module, path: Path) ->
     accelerator.unwrap_model(model).load_state_dict(state_dict)
 
 
-def epoch_block(epoch: int, epochs: int, m: dict, improved: bool) -> str:
-    """The original design's per-epoch console block."""
+def epoch_block(epoch: int, epochs: int, m: dict, improved: bool, es=None, p: Progress | None = None) -> str:
+    """The original design's per-epoch console block, plus the early-stopping count when it moves."""
     star = "  (best so far, saved)" if improved else ""
-    return (
+    block = (
         f"\nEpoch [{epoch}/{epochs}] Results:{star}\n"
         f"  Train Loss: {m['train/loss']:.6f}  |  Train RMSE: {m['train/rmse']:.6f}\n"
         f"  Val Loss:   {m['val/loss']:.6f}  |  Val RMSE:   {m['val/rmse']:.6f}\n"
         f"  Learning Rate: {m['lr']:.2e}"
     )
+    if es is not None and p is not None and p.bad_epochs:
+        block += f"\n  Early stopping: no improvement for {p.bad_epochs}/{es.patience} epochs (best {p.best_value:.6f} at epoch {p.best_epoch})"
+    return block
 
 
 def print_results(r: dict) -> None:
