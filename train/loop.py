@@ -16,11 +16,12 @@ import shlex
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -142,6 +143,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         scheduler, step_per_batch = build_scheduler(cfg, optimizer, steps_per_epoch)
         loss_fn, eval_loss = build_loss(cfg), build_loss(cfg, reduction="none")
         # Optional logging (train/extras.py); all off by default.
+        if accelerator.distributed_type == DistributedType.FSDP and (lg.log_gradients or cfg.logging.wandb.watch_model):
+            # Sharded gradients: the main process alone would read its shard (or wait on a collective).
+            say("warning: logging.log_gradients and logging.wandb.watch_model are ignored under FSDP (sharded gradients)")
+            lg = lg.model_copy(update={"log_gradients": False, "wandb": lg.wandb.model_copy(update={"watch_model": False})})
+            cfg = cfg.model_copy(update={"logging": lg})
         grad_layers = gradient_layers(accelerator.unwrap_model(model)) if lg.log_gradients and accelerator.is_main_process else None
         watch_model(accelerator, model, cfg)
         system = SystemMetrics(accelerator.device) if lg.system_metrics and accelerator.is_main_process else None
@@ -166,9 +172,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 set_aside_newer_states(run_dir, progress.global_step)
         start_epoch = p.epoch + 1 if p.epoch_done else p.epoch
         time_limit = TimeLimit(parse_duration(cfg.training.max_time) if cfg.training.max_time else None)
-        skipped_steps, val, lr_used = 0, None, current_lrs(optimizer)
+        skipped_steps, val, lr_used = 0, None, [g["lr"] for g in optimizer.param_groups]
         epoch_times: list[float] = []  # train + validation + logging, checkpoint writes excluded
         grad_log: dict[str, float] = {}
+
+        # accumulate() matters only with several micro-batches per optimizer step; its context
+        # manager alone costs ~7 us a step, which is measurable on small models (benchmarks/).
+        accumulating, no_accumulation = cfg.training.gradient_accumulation_steps > 1, nullcontext()
 
         def save_state(epoch_done: bool, sums: torch.Tensor) -> None:
             """Full resumable state; refuses (on_nonfinite=stop) to write non-finite weights."""
@@ -191,15 +201,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
                 # On the prepared loader: it passes the epoch to our sampler on every iteration.
                 loader.set_epoch(epoch)
-                # loss*n, squared error, n: accumulated on the device, no host sync on steps that do not log.
-                sums = torch.tensor(p.train_sums, device=accelerator.device) if skip else torch.zeros(3, device=accelerator.device)
+                sums = EpochSums(accelerator.device, mse=cfg.training.loss == "mse", start=p.train_sums if skip else None)
                 p.epoch, p.epoch_done, p.batches_done = epoch, False, skip
                 t0, checkpoint_s = time.perf_counter(), 0.0
                 bar = tqdm(total=len(train_loader), initial=skip, desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False, disable=not show_bar)
                 for x, y in loader:
                     if memory_format is not None:
                         x = x.contiguous(memory_format=memory_format)
-                    with accelerator.accumulate(model):
+                    with accelerator.accumulate(model) if accumulating else no_accumulation:
                         pred = model(x).float()
                         loss = loss_fn(pred, y)
                         accelerator.backward(loss)
@@ -220,7 +229,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     if step_ok:
-                        sums += torch.stack([loss.detach() * len(y), (pred.detach() - y).pow(2).sum(), torch.tensor(float(len(y)), device=y.device)])
+                        sums.add(loss, pred, y)
                     else:
                         skipped_steps += 1
                     p.batches_done += 1
@@ -228,14 +237,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     if not accelerator.sync_gradients:
                         continue
                     p.global_step += 1
-                    lr_used = current_lrs(optimizer)  # the lr this step used, before the schedule moves on
+                    lr_used = [g["lr"] for g in optimizer.param_groups]  # this step's, before the schedule moves on
                     if step_per_batch and not accelerator.optimizer_step_was_skipped:
                         scheduler.step()
                     stop_reason = None
                     if p.global_step % log_every == 0:
                         # One collective for the log line, the stop flags and the finiteness check.
-                        loss_sum, stop, time_up, bad = agree(accelerator, [loss.detach(), signals.received is not None, time_limit.nearly_up(), ~torch.isfinite(sums).all()])
-                        step_log = {"train/loss_step": loss_sum / accelerator.num_processes, **lr_used}
+                        loss_sum, stop, time_up, bad = agree(accelerator, [loss.detach(), signals.received is not None, time_limit.nearly_up(), ~torch.isfinite(sums.tensor()).all()])
+                        step_log = {"train/loss_step": loss_sum / accelerator.num_processes, **lr_values(optimizer, lr_used)}
                         if grad_layers is not None:
                             step_log.update(grad_log)
                         accelerator.log(step_log, step=p.global_step)
@@ -246,12 +255,12 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     elif accelerator.num_processes == 1:
                         stop_reason = "signal" if signals.received else "max_time" if time_limit.nearly_up() else None
                     if stop_reason:
-                        save_state(epoch_done=False, sums=sums)
+                        save_state(epoch_done=False, sums=sums.tensor())
                         raise announce_stop(accelerator, stop_message(stop_reason, signals.received, cfg, run_dir, p))
                     if ck.every_n_steps and p.global_step % ck.every_n_steps == 0 and p.batches_done < len(train_loader):
-                        save_state(epoch_done=False, sums=sums)
+                        save_state(epoch_done=False, sums=sums.tensor())
                 bar.close()
-                sums = accelerator.reduce(sums, "sum")
+                sums = accelerator.reduce(sums.tensor(), "sum")
                 epoch_time = time.perf_counter() - t0
 
                 # --- Validate over the whole val set, exactly once --------------------------------
@@ -261,7 +270,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     "train/loss": sums[0].item() / n_train,
                     "train/rmse": math.sqrt(sums[1].item() / n_train) * data.target_std,
                     **{f"val/{k}": v for k, v in val.items() if k not in ("n", "pred", "y")},
-                    **lr_used,
+                    **lr_values(optimizer, lr_used),
                     "epoch": epoch,
                     "epoch_time_s": epoch_time,
                     "samples_per_s": n_train / epoch_time,
@@ -474,10 +483,32 @@ def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
     return nn.L1Loss(reduction=reduction) if cfg.training.loss == "l1" else nn.MSELoss(reduction=reduction)
 
 
-def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+def lr_values(optimizer: torch.optim.Optimizer, lrs: list[float]) -> dict[str, float]:
     """``lr`` (the first group's, shown on the console) and ``lr/<group name>`` for every group."""
-    groups = optimizer.param_groups
-    return {"lr": groups[0]["lr"], **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}}
+    return {"lr": lrs[0], **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))}}
+
+
+class EpochSums:
+    """The epoch's training loss x n, squared error and sample count so far, kept on the device so
+    that steps which do not log never wait for it. With the MSE loss the squared error *is* loss x n,
+    and a step costs one in-place add (a stacked update was ~30 us a step on small models)."""
+
+    def __init__(self, device: torch.device, mse: bool, start: list[float] | None = None):
+        loss, sq, n = start or [0.0, 0.0, 0.0]
+        self.loss = torch.tensor(loss, device=device)
+        self.sq = None if mse else torch.tensor(sq, device=device)
+        self.n = n
+
+    def add(self, loss: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss.add_(loss.detach(), alpha=len(y))
+        if self.sq is not None:
+            self.sq.add_((pred.detach() - y).pow(2).sum())
+        self.n += len(y)
+
+    def tensor(self) -> torch.Tensor:
+        """``[loss x n, squared error, n]``."""
+        n = torch.tensor(float(self.n), device=self.loss.device)
+        return torch.stack([self.loss, self.loss if self.sq is None else self.sq, n])
 
 
 @torch.no_grad()
