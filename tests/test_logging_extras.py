@@ -114,6 +114,13 @@ def test_channels_last_gives_the_same_outputs():
     assert torch.allclose(cl(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-5)
 
 
+def test_an_unknown_compile_backend_is_a_config_error(out):
+    r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **{"training.compile": "true", "training.compile_backend": "inductr"})])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: training.compile_backend='inductr' is not a torch.compile backend here; choose one of: " in r.stderr and "inductor" in r.stderr
+    assert not any(out.iterdir()), "nothing written"
+
+
 def test_the_old_wandb_keys_point_to_their_new_place():
     from train.config import ConfigError
 

@@ -200,7 +200,7 @@ class TrainingConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model (in place: checkpoints keep their keys). Pays off on GPUs for long runs.")
     compile_backend: str = Field("inductor", description="torch.compile backend: inductor (needs a C++ compiler on CPU), aot_eager, eager, ...")
     channels_last: bool = Field(False, description="Model and inputs in channels-last memory format (faster convolutions on recent GPUs, often with mixed precision).")
-    tf32: bool = Field(False, description="CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere+). Ignored on CPU.")
+    tf32: bool = Field(False, description="CUDA: allow TF32 tensor cores (Ampere or newer) for fp32 matmuls; PyTorch already allows them for convolutions. Ignored on CPU.")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -235,9 +235,9 @@ class WandbConfig(_Section):
     @classmethod
     def _moved_keys(cls, values):
         # The original design had these under wandb; they now feed TensorBoard too.
-        for key in ("log_predictions", "log_gradients"):
-            if isinstance(values, dict) and key in values:
-                raise ValueError(f"logging.wandb.{key} moved to logging.{key} (it logs to TensorBoard as well as W&B)")
+        moved = [k for k in ("log_predictions", "log_gradients") if isinstance(values, dict) and k in values]
+        if moved:
+            raise ValueError("; ".join(f"logging.wandb.{k} moved to logging.{k}" for k in moved) + " (they log to TensorBoard as well as W&B)")
         return values
 
 

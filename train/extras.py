@@ -65,7 +65,7 @@ class WandbTable:
 
 @dataclass
 class Markdown:
-    """Text for TensorBoard's TEXT tab (W&B gets the same information as a table)."""
+    """Text for TensorBoard's TEXT tab; trackers without a text view skip it."""
 
     text: str
 

@@ -60,6 +60,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     say = print if state.is_main_process else (lambda *a, **k: None)
     if note:
         say(note)
+    check_compile_backend(cfg)
     say(set_num_threads(cfg, use_cpu))
     if cfg.training.tf32:
         say(enable_tf32(use_cpu))
@@ -173,7 +174,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         start_epoch = p.epoch + 1 if p.epoch_done else p.epoch
         time_limit = TimeLimit(parse_duration(cfg.training.max_time) if cfg.training.max_time else None)
         skipped_steps, val, lr_used = 0, None, [g["lr"] for g in optimizer.param_groups]
-        epoch_times: list[float] = []  # train + validation + logging, checkpoint writes excluded
+        epoch_times: list[float] = []  # train + validation + logging; checkpoint and state writes excluded
         grad_log: dict[str, float] = {}
 
         # accumulate() matters only with several micro-batches per optimizer step; its context
@@ -259,6 +260,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                         raise announce_stop(accelerator, stop_message(stop_reason, signals.received, cfg, run_dir, p))
                     if ck.every_n_steps and p.global_step % ck.every_n_steps == 0 and p.batches_done < len(train_loader):
                         save_state(epoch_done=False, sums=sums.tensor())
+                        checkpoint_s += time_limit.last_save
                 bar.close()
                 sums = accelerator.reduce(sums.tensor(), "sum")
                 epoch_time = time.perf_counter() - t0
@@ -406,6 +408,16 @@ def set_num_threads(cfg: Config, use_cpu: bool) -> str:
     return f"CPU threads per process: {torch.get_num_threads()} ({cores} cores / {local_processes} process(es) on this machine; set training.num_threads to change)"
 
 
+def check_compile_backend(cfg: Config) -> None:
+    if not cfg.training.compile:
+        return
+    import torch._dynamo
+
+    if cfg.training.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        common = ", ".join([*torch._dynamo.list_backends(), "aot_eager", "eager"])  # not the testing-only ones
+        raise UserError(f"training.compile_backend={cfg.training.compile_backend!r} is not a torch.compile backend here; choose one of: {common}")
+
+
 def enable_tf32(use_cpu: bool) -> str:
     """TF32 tensor cores for fp32 matmuls and convolutions (CUDA, Ampere or newer)."""
     if use_cpu:
@@ -416,7 +428,7 @@ def enable_tf32(use_cpu: bool) -> str:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return "TF32 enabled for fp32 matmuls and convolutions"
+    return "TF32 allowed for fp32 matmuls and convolutions (used on Ampere or newer GPUs)"
 
 
 def make_run_dir(run_dir: Path, exist_ok: bool = False) -> None:
@@ -588,7 +600,10 @@ def set_aside_newer_states(run_dir: Path, step: int) -> None:
 def restore_state(accelerator: Accelerator, model: nn.Module, scheduler, state_dir: Path, progress: Progress) -> None:
     """Load a verified state: weights (checked against the configured model first), optimizer, RNGs."""
     check_tensors_match(accelerator.unwrap_model(model), read_checkpoint_tensors(state_dir / "model.safetensors"), f"--resume {state_dir}")
-    accelerator.load_state(str(state_dir))
+    try:
+        accelerator.load_state(str(state_dir))
+    except ValueError as e:  # e.g. a state from a version whose optimizer had other parameter groups
+        raise UserError(f"--resume {state_dir}: the saved optimizer state does not fit this optimizer ({e}); start a new run, warm-started with model.init_from={state_dir / 'model.safetensors'}") from None
     if scheduler is not None and progress.scheduler:
         scheduler.load_state_dict(progress.scheduler)
 
