@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_ob
 from torch import nn
 from tqdm.auto import tqdm
 
-from train.checkpoints import atomic_write_bytes, checkpoint_metadata, read_checkpoint, save_best
+from train.checkpoints import atomic_write_bytes, checkpoint_metadata, read_checkpoint, save_best, wait_durable
 from train.config import CleanExit, Config, UserError, flatten, parse_duration, to_yaml
 from train.data import baselines, build_data, make_loaders
 from train.extras import (
@@ -367,6 +367,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         exit_code = e.exit_code
         raise
     finally:
+        wait_durable()
         finish_trackers(accelerator, exit_code, summary, preempted=exit_code == Stopped.exit_code, together=exit_code in (0, Stopped.exit_code))
 
 
