@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py                           # both workloads, every arm, 5 repetitions, 1 thread (~15 min on 2 cores)
     python benchmarks/overhead.py --workloads tiny --arms a_acc,b,b2 --reps 9
-    python benchmarks/overhead.py --quick                   # tiny workload and data, 2 epochs, 1 repetition: checks that it runs
+    python benchmarks/overhead.py --quick                   # tiny workload and data, 2 epochs, 1 repetition, arms side by side: checks that it runs
     python benchmarks/overhead.py --json overhead.json      # also write every raw number
 
 Arms, all on the same model, data, batch size, epochs, seed and thread count:
@@ -388,6 +388,23 @@ def steady(epoch_times: list[float]) -> float:
     return statistics.median(epoch_times[1:] or epoch_times)
 
 
+def run_jobs(jobs: list[tuple[str, str, Path]], args, env: dict) -> list[tuple[dict | None, str, float]]:
+    """``spawn`` every (task, workload, out_dir) in order; ``--quick`` runs them side by side on the
+    machine's cores instead (it only checks that everything runs: its times mean nothing)."""
+
+    def one(job):
+        t0 = time.perf_counter()
+        result, error = spawn(job[0], job[1], args, job[2], env)
+        return result, error, time.perf_counter() - t0
+
+    if not args.quick:
+        return [one(job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=cores()) as pool:
+        return list(pool.map(one, jobs))
+
+
 def run_arms(args, workloads: list[str], arms: list[str], tmp: Path, env: dict) -> tuple[dict, list[str]]:
     """{workload: {arm: {repetition: steady median}}}, raw runs in ``args.raw``; failures listed."""
     medians: dict = {w: {a: {} for a in arms} for w in workloads}
@@ -395,11 +412,9 @@ def run_arms(args, workloads: list[str], arms: list[str], tmp: Path, env: dict) 
     for rep in range(args.reps):
         for workload in workloads:
             k = rep % len(arms)
-            for arm in arms[k:] + arms[:k]:  # rotated each repetition
-                out_dir = tmp / f"{workload}-{arm}-{rep}"
-                t0 = time.perf_counter()
-                result, error = spawn(arm, workload, args, out_dir, env)
-                wall = time.perf_counter() - t0
+            order = arms[k:] + arms[:k]  # rotated each repetition
+            jobs = [(arm, workload, tmp / f"{workload}-{arm}-{rep}") for arm in order]
+            for arm, (result, error, wall) in zip(order, run_jobs(jobs, args, env)):
                 if result is None:
                     failures.append(f"{workload} {arm} rep {rep + 1}: {error}")
                     print(f"  rep {rep + 1}/{args.reps} {workload:5s} {arm:6s} FAILED: {error}", flush=True)
@@ -418,10 +433,9 @@ def run_tracker_timing(args, tmp: Path, env: dict) -> tuple[dict, list[str]]:
     kinds = list(TRACKER_KINDS)
     for rep in range(args.tracker_reps):
         k = rep % len(kinds)
-        for kind in kinds[k:] + kinds[:k]:
-            t0 = time.perf_counter()
-            result, error = spawn(f"trackers:{kind}", "cnn", args, tmp / f"trackers-{kind}-{rep}", env)
-            wall = time.perf_counter() - t0
+        order = kinds[k:] + kinds[:k]
+        jobs = [(f"trackers:{kind}", "cnn", tmp / f"trackers-{kind}-{rep}") for kind in order]
+        for kind, (result, error, wall) in zip(order, run_jobs(jobs, args, env)):
             if result is None:
                 failures.append(f"trackers {kind} rep {rep + 1}: {error}")
                 continue

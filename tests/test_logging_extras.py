@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from conftest import DEFAULT_CONFIG, accelerate_launch, free_port, run_main, tiny, wandb_records
+from conftest import DEFAULT_CONFIG, accelerate_launch, free_port, popen_main, run_main, tiny, wandb_records
 from train.config import ModelConfig, load_config
 from train.data import build_data
 from train.extras import Histogram, gradient_histograms, gradient_layers, gradient_norms, prediction_sample, prediction_values
@@ -269,24 +270,22 @@ def test_two_processes_log_predictions_in_dataset_order(out):
 # --------------------------------------------------------------------------------------------------
 
 
-def _recompiles(out: Path, epochs: int) -> tuple[int, Path]:
-    # aot_eager: dynamo's guards and recompilations without waiting for a C++ compiler.
-    r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **{
-        "experiment.name": f"c{epochs}", "training.epochs": epochs, "training.compile": "true",
-        "training.compile_backend": "aot_eager", "training.channels_last": "true", "data.synthetic.num_train": 200,
-    })], TORCH_LOGS="recompiles")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return (r.stdout + r.stderr).count("Recompiling function"), out / f"c{epochs}"
-
-
 @pytest.mark.slow
 def test_compile_does_not_recompile_per_epoch_and_keeps_checkpoint_keys(out):
     """A smaller last batch and the switch to eval compile a few graphs in epoch 1; later epochs reuse them."""
-    one, _ = _recompiles(out, 1)
-    three, run_dir = _recompiles(out, 3)
-    assert one == three and three <= 4, (one, three)
+    # aot_eager: dynamo's guards and recompilations without waiting for a C++ compiler.
+    proc = popen_main(["--config", DEFAULT_CONFIG, *tiny(out, **{
+        "experiment.name": "c", "training.epochs": 3, "training.compile": "true", "training.compile_backend": "aot_eager",
+        "training.channels_last": "true", "data.synthetic.num_train": 200,
+    })], launcher=[sys.executable], TORCH_LOGS="recompiles")
+    text = proc.communicate(timeout=240)[0]  # stdout and stderr in one stream, in order
+    assert proc.returncode == 0, text[-3000:]
+    first_epoch_done = text.index("Epoch [1/3] Results")
+    assert 1 <= text[:first_epoch_done].count("Recompiling function") <= 4, text[:first_epoch_done][-3000:]
+    assert text[first_epoch_done:].count("Recompiling function") == 0, "epochs 2 and 3 (and the test split) reuse the graphs"
     from safetensors.torch import load_file
 
+    run_dir = out / "c"
     keys = load_file(str(run_dir / "checkpoints" / "best.safetensors")).keys()
     assert "features.0.weight" in keys and not any("_orig_mod" in k for k in keys)
     assert json.loads((run_dir / "results.json").read_text())["test/rmse"] < 1000
