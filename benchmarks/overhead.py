@@ -1,6 +1,6 @@
 """What the trainer and its logging cost per epoch, next to a plain loop and Lightning, on one CPU process.
 
-    python benchmarks/overhead.py                           # both workloads, every arm, 5 repetitions, 1 thread (~15 min on 2 cores)
+    python benchmarks/overhead.py                           # both workloads, every arm, 5 repetitions, 1 thread, lockstep (~15 min)
     python benchmarks/overhead.py --workloads tiny --arms a_acc,b,b2 --reps 9
     python benchmarks/overhead.py --quick                   # tiny workload and data, 2 epochs, 1 repetition, arms side by side: checks that it runs
     python benchmarks/overhead.py --json overhead.json      # also write every raw number
@@ -29,8 +29,16 @@ the same span; Lightning is timed by a callback from one ``on_train_epoch_start`
 last to ``on_train_end``), which holds its validation and its epoch-end logging. Each (arm,
 repetition) runs in a fresh subprocess of this script (``--worker``), so no arm inherits another's
 warm caches; start-up is not measured. Epoch 1 (warm-up) is dropped, each run gives the median of its
-other epochs, and the table shows the median over repetitions. The arms run interleaved, in an order
-rotated every repetition, so a slow drift of the machine spreads over all of them.
+other epochs, and the table shows the median over repetitions.
+
+Schedule (``--schedule``). The default, ``lockstep``, starts all arms of a repetition at once and lets
+exactly one run at a time, round-robin, ``--slice`` seconds each (SIGSTOP/SIGCONT), so every arm sees
+the same machine within a second; arms are then compared on process CPU seconds per epoch (a stopped
+process's wall clock runs on; its CPU clock does not). On a VM whose speed drifts (this one: 1.25x
+within a minute) that is what resolves a few percent. CPU time leaves out what other processes do
+for an arm: W&B's service process (0.08 s of CPU in a 17 s run, measured). ``sequential`` runs the
+arms one after the other in a rotated order and compares wall seconds; ``parallel`` (``--quick``)
+runs them side by side only to check that everything works.
 
 How to read it: a ratio X/Y is median(X) / median(Y); 1.03 means X takes 3% longer per epoch; PASS/MISS
 compare it with the goal. "paired" is the median over repetitions of X/Y within one repetition (runs
@@ -139,7 +147,8 @@ def run_trainer(cfg: Config) -> dict:
     results = train(cfg)
     # What a user reads: results.json in the run directory (the returned dict is the same).
     saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
-    return {"epoch_times": saved["epoch_times_s"], "threads": torch.get_num_threads(), "best_val_rmse": saved.get("best/rmse")}
+    return {"epoch_times": saved["epoch_times_s"], "epoch_cpu_times": saved["epoch_cpu_times_s"], "threads": torch.get_num_threads(),
+            "best_val_rmse": saved.get("best/rmse")}
 
 
 def build_everything(cfg: Config):
@@ -176,9 +185,9 @@ def run_hand_written(cfg: Config, use_accelerate: bool) -> dict:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     scheduler, _ = build_scheduler(cfg, optimizer, len(train_loader))  # cosine: stepped per optimizer step
 
-    epoch_times, val_rmse = [], []
+    epoch_times, epoch_cpu, val_rmse = [], [], []
     for epoch in range(1, cfg.training.epochs + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.train()
         # The prepared loader passes the epoch on to the sampler, as in train().
         (train_loader if use_accelerate else sampler).set_epoch(epoch)
@@ -200,7 +209,8 @@ def run_hand_written(cfg: Config, use_accelerate: bool) -> dict:
         print(f"epoch {epoch}: train loss {loss_sum.item() / n:.6f}, val rmse {val['rmse']:.4f}")
         val_rmse.append(val["rmse"])
         epoch_times.append(time.perf_counter() - t0)
-    return {"epoch_times": epoch_times, "threads": torch.get_num_threads(), "best_val_rmse": min(val_rmse)}
+        epoch_cpu.append(time.process_time() - c0)
+    return {"epoch_times": epoch_times, "epoch_cpu_times": epoch_cpu, "threads": torch.get_num_threads(), "best_val_rmse": min(val_rmse)}
 
 
 def plain_evaluate(model, loader, per_sample, target_std: float) -> dict[str, float]:
@@ -279,16 +289,18 @@ def run_lightning(cfg: Config, log_dir: Path) -> dict:
         epoch-level metrics right after it: both inside this window."""
 
         def __init__(self):
-            self.marks, self.val_ends = [], []
+            self.marks, self.cpu_marks, self.val_ends = [], [], []
 
         def on_train_epoch_start(self, trainer, module):
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
         def on_validation_epoch_end(self, trainer, module):
             self.val_ends.append(time.perf_counter())
 
         def on_train_end(self, trainer, module):
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
     timer = EpochTimer()
     trainer = L.Trainer(
@@ -308,7 +320,8 @@ def run_lightning(cfg: Config, log_dir: Path) -> dict:
         if not bounds[k] < t < bounds[k + 1]:
             raise RuntimeError(f"Lightning's validation of epoch {k + 1} ran outside its timing window")
     epoch_times = [b - a for a, b in zip(bounds, bounds[1:])]
-    return {"epoch_times": epoch_times, "threads": torch.get_num_threads(), "best_val_rmse": min(module.val_rmse)}
+    epoch_cpu = [b - a for a, b in zip(timer.cpu_marks, timer.cpu_marks[1:])]
+    return {"epoch_times": epoch_times, "epoch_cpu_times": epoch_cpu, "threads": torch.get_num_threads(), "best_val_rmse": min(module.val_rmse)}
 
 
 def run_trackers(kind: str, out_dir: Path) -> dict:
@@ -368,19 +381,78 @@ def worker_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def spawn(task: str, workload: str, args, out_dir: Path, env: dict) -> tuple[dict | None, str]:
-    """Run one worker; return (its RESULT dict, "") or (None, the last lines of its output)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--workload", workload, "--out-dir", str(out_dir),
-           "--epochs", str(args.epochs), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {args.timeout} s"
-    for line in reversed(proc.stdout.splitlines()):
+def worker_cmd(task: str, workload: str, args, out_dir: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--workload", workload, "--out-dir", str(out_dir),
+            "--epochs", str(args.epochs), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+
+
+def parse_worker(output: str, returncode: int) -> tuple[dict | None, str]:
+    for line in reversed(output.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):]), ""
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
-    return None, f"exit code {proc.returncode}: " + " | ".join(tail)
+    tail = output.strip().splitlines()[-6:]
+    return None, f"exit code {returncode}: " + " | ".join(tail)
+
+
+def spawn(task: str, workload: str, args, out_dir: Path, env: dict) -> tuple[dict | None, str]:
+    """Run one worker; return (its RESULT dict, "") or (None, the last lines of its output)."""
+    try:
+        proc = subprocess.run(worker_cmd(task, workload, args, out_dir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {args.timeout} s"
+    return parse_worker(proc.stdout + proc.stderr, proc.returncode)
+
+
+def run_lockstep(jobs: list[tuple[str, str, Path]], args, env: dict) -> list[tuple[dict | None, str, float]]:
+    """Start every job at once and let exactly one run at a time, round-robin, ``args.slice`` seconds
+    each (SIGSTOP / SIGCONT).
+
+    Why: this VM's speed drifts by up to 25% within a minute (the host), far more than the few percent
+    being measured, and arms run one after the other see different machines. In lockstep every arm
+    sees the same machine within a second. A stopped process's wall clock keeps running, so the arms
+    report process CPU time per epoch (``epoch_cpu_times``), which a stop does not advance.
+    """
+    import signal
+
+    procs = []
+    for task, workload, out_dir in jobs:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(out_dir.parent / f"{out_dir.name}.log", "w+")
+        proc = subprocess.Popen(worker_cmd(task, workload, args, out_dir), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        os.kill(proc.pid, signal.SIGSTOP)
+        procs.append({"proc": proc, "log": log, "t0": time.perf_counter(), "wall": None})
+    deadline = time.perf_counter() + args.timeout
+    running = list(procs)
+    while running:
+        for job in list(running):
+            proc = job["proc"]
+            os.kill(proc.pid, signal.SIGCONT)
+            try:
+                proc.wait(timeout=args.slice)
+                job["wall"] = time.perf_counter() - job["t0"]
+                running.remove(job)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGSTOP)
+        if time.perf_counter() > deadline:
+            for job in running:
+                job["proc"].kill()
+                job["proc"].wait()
+            break
+    out = []
+    for job in procs:
+        job["log"].seek(0)
+        text = job["log"].read()
+        job["log"].close()
+        if job["wall"] is None:
+            out.append((None, f"timed out after {args.timeout} s (lockstep)", 0.0))
+        else:
+            out.append((*parse_worker(text, job["proc"].returncode), job["wall"]))
+    return out
+
+
+def epoch_key(args) -> str:
+    """Lockstep arms are stopped while the others run: their wall clock is meaningless, CPU time is not."""
+    return "epoch_cpu_times" if args.schedule == "lockstep" else "epoch_times"
 
 
 def steady(epoch_times: list[float]) -> float:
@@ -388,7 +460,7 @@ def steady(epoch_times: list[float]) -> float:
     return statistics.median(epoch_times[1:] or epoch_times)
 
 
-def run_jobs(jobs: list[tuple[str, str, Path]], args, env: dict) -> list[tuple[dict | None, str, float]]:
+def run_jobs(jobs: list[tuple[str, str, Path]], args, env: dict, lockstep: bool = False) -> list[tuple[dict | None, str, float]]:
     """``spawn`` every (task, workload, out_dir) in order; ``--quick`` runs them side by side on the
     machine's cores instead (it only checks that everything runs: its times mean nothing)."""
 
@@ -397,7 +469,9 @@ def run_jobs(jobs: list[tuple[str, str, Path]], args, env: dict) -> list[tuple[d
         result, error = spawn(job[0], job[1], args, job[2], env)
         return result, error, time.perf_counter() - t0
 
-    if not args.quick:
+    if lockstep and args.schedule == "lockstep":
+        return run_lockstep(jobs, args, env)
+    if args.schedule != "parallel":
         return [one(job) for job in jobs]
     from concurrent.futures import ThreadPoolExecutor
 
@@ -414,14 +488,14 @@ def run_arms(args, workloads: list[str], arms: list[str], tmp: Path, env: dict) 
             k = rep % len(arms)
             order = arms[k:] + arms[:k]  # rotated each repetition
             jobs = [(arm, workload, tmp / f"{workload}-{arm}-{rep}") for arm in order]
-            for arm, (result, error, wall) in zip(order, run_jobs(jobs, args, env)):
+            for arm, (result, error, wall) in zip(order, run_jobs(jobs, args, env, lockstep=True)):
                 if result is None:
                     failures.append(f"{workload} {arm} rep {rep + 1}: {error}")
                     print(f"  rep {rep + 1}/{args.reps} {workload:5s} {arm:6s} FAILED: {error}", flush=True)
                     continue
-                medians[workload][arm][rep] = steady(result["epoch_times"])
+                medians[workload][arm][rep] = steady(result[epoch_key(args)])
                 args.raw["runs"].append({"workload": workload, "arm": arm, "rep": rep + 1, "wall_s": wall, **result})
-                shown = " ".join(f"{t:.3f}" for t in result["epoch_times"])
+                shown = " ".join(f"{t:.3f}" for t in result[epoch_key(args)])
                 print(f"  rep {rep + 1}/{args.reps} {workload:5s} {arm:6s} epochs [{shown}] s, {result['threads']} threads, "
                       f"best val rmse {result['best_val_rmse']:.3f}, process {wall:.1f} s", flush=True)
     return medians, failures
@@ -542,11 +616,12 @@ def verdict(value: float | None, goal: tuple[str, float] | None) -> str:
     return "PASS" if ok else "MISS"
 
 
-def print_workload(workload: str, arms: list[str], medians: dict, steps: int, describe: str, skipped_e: bool) -> None:
+def print_workload(workload: str, arms: list[str], medians: dict, steps: int, describe: str, skipped_e: bool, cpu_clock: bool) -> None:
     """Per-arm medians, then each ratio with its goal. A verdict closer to its bound than the noise arm
     is from 1 is marked: this machine cannot tell that one apart (rerun with more --reps)."""
     print(f"\n=== {workload}: {describe}; {steps} optimizer steps per epoch ===")
-    print(f"{'arm':6s} {'what':44s} {'s/epoch':>8s} {'ms/step':>8s} {'min..max of reps':>18s}  reps")
+    clock = "CPU s/ep" if cpu_clock else "s/epoch"
+    print(f"{'arm':6s} {'what':44s} {clock:>8s} {'ms/step':>8s} {'min..max of reps':>18s}  reps")
     for arm in ARMS:
         if arm == "e" and skipped_e:
             print(f"{arm:6s} {ARMS[arm]:44s} skipped: Lightning is not installed (pip install lightning)")
@@ -626,7 +701,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="tiny workload only, tiny data, 2 epochs, 1 repetition: checks that everything runs, times mean nothing")
     ap.add_argument("--json", metavar="PATH", help="also write every raw number to this JSON file")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds one worker may take (default: %(default)s)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds one worker (sequential) or one lockstep group may take (default: %(default)s)")
+    ap.add_argument("--schedule", choices=["lockstep", "sequential", "parallel"],
+                    help="lockstep (the default): the arms of a repetition run at once, one at a time in turn, and are compared "
+                         "on CPU seconds per epoch; sequential: one after the other, on wall seconds; parallel (--quick's "
+                         "default): side by side on all cores, which only checks that everything runs")
+    ap.add_argument("--slice", type=float, default=0.25, help="lockstep: seconds each arm runs before the next (default: %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload", default="cnn", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -635,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     args.epochs = args.epochs or (2 if args.quick else 4)
     # --quick: one workload is enough to check that every arm runs (they differ only in sizes).
     args.workloads = args.workloads or ("tiny" if args.quick else "cnn,tiny")
+    args.schedule = args.schedule or ("parallel" if args.quick else "lockstep")
 
     if args.worker:
         result = worker(args)
@@ -675,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = math.ceil(cfg.data.synthetic.num_train / cfg.data.batch_size)
             describe = (f"{WORKLOAD_TEXT[workload]}, {cfg.data.image_size}px, batch {cfg.data.batch_size}, "
                         f"{cfg.data.synthetic.num_train} train / {cfg.data.synthetic.num_val} val images")
-            print_workload(workload, arms, medians[workload], steps, describe, skipped_e)
+            print_workload(workload, arms, medians[workload], steps, describe, skipped_e, cpu_clock=epoch_key(args) == "epoch_cpu_times")
         print_trackers(tracker_times)
         print_checkpoint(checkpoint, tmp)
 
@@ -686,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {line}")
     if args.json:
         raw = {"machine": {"cpu": cpu_name(), "cores": cores(), "threads": args.threads},
-               "settings": {"reps": args.reps, "epochs": args.epochs, "quick": args.quick, "workloads": workloads, "arms": arms},
+               "settings": {"reps": args.reps, "epochs": args.epochs, "quick": args.quick, "workloads": workloads, "arms": arms,
+                            "schedule": args.schedule, "clock": epoch_key(args)},
                **args.raw, "checkpoint": checkpoint, "failures": failures}
         Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
         print(f"raw numbers: {args.json}")

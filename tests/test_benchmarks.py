@@ -30,6 +30,9 @@ def outputs(tmp_path_factory) -> dict:
     runs = {
         "overhead": [sys.executable, "benchmarks/overhead.py", "--quick", "--json", str(raw)],
         "throughput": [sys.executable, "benchmarks/throughput.py", "--quick", "--precisions", "fp32", "--out", str(tmp / "table.txt")],
+        # The default schedule, on two arms: started together, run one at a time, compared on CPU seconds.
+        "lockstep": [sys.executable, "benchmarks/overhead.py", "--quick", "--schedule", "lockstep", "--arms", "a_acc,b",
+                     "--checkpoint-reps", "2", "--json", str(tmp / "lockstep.json")],
     }
     procs = {k: subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for k, cmd in runs.items()}
@@ -38,6 +41,7 @@ def outputs(tmp_path_factory) -> dict:
         text, _ = p.communicate(timeout=300)
         out[k] = (p.returncode, text)
     out["raw"] = json.loads(raw.read_text()) if raw.exists() else None
+    out["lockstep_raw"] = json.loads((tmp / "lockstep.json").read_text()) if (tmp / "lockstep.json").exists() else None
     out["table"] = (tmp / "table.txt").read_text() if (tmp / "table.txt").exists() else ""
     return out
 
@@ -94,3 +98,16 @@ def test_throughput_quick_cpu_fp32(outputs):
         assert re.search(rf"^{workload}\s+fp32\s+off\s+off\s+[\d,]+\s+{NUMBER}", text, re.M), f"no row for {workload}:\n{text}"
     assert "ERROR" not in text
     assert outputs["table"].strip().splitlines()[-1].startswith("wall time"), outputs["table"]
+
+
+def test_overhead_lockstep_compares_cpu_seconds(outputs):
+    rc, text = outputs["lockstep"]
+    assert rc == 0, text[-3000:]
+    assert re.search(r"^arm\s+what\s+CPU s/ep", text, re.M), text
+    assert re.search(rf"^b/a_acc\s+{NUMBER}\s.*\s(PASS|MISS)\s", text, re.M), text
+    raw = outputs["lockstep_raw"]
+    assert raw["settings"]["schedule"] == "lockstep" and raw["settings"]["clock"] == "epoch_cpu_times"
+    for r in raw["runs"]:
+        # Both clocks are reported; a stopped worker's wall time runs on while its CPU time does not.
+        assert len(r["epoch_cpu_times"]) == 2 and all(t > 0 for t in r["epoch_cpu_times"]), r
+        assert len(r["epoch_times"]) == 2

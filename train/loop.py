@@ -16,7 +16,7 @@ import shlex
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -174,7 +174,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         start_epoch = p.epoch + 1 if p.epoch_done else p.epoch
         time_limit = TimeLimit(parse_duration(cfg.training.max_time) if cfg.training.max_time else None)
         skipped_steps, val, lr_used = 0, None, [g["lr"] for g in optimizer.param_groups]
-        epoch_times: list[float] = []  # train + validation + logging; checkpoint and state writes excluded
+        # Per epoch: train + validation + logging, checkpoint and state writes excluded (benchmarks/).
+        epoch_times: list[float] = []
+        epoch_cpu_times: list[float] = []
         grad_log: dict[str, float] = {}
 
         # accumulate() matters only with several micro-batches per optimizer step; its context
@@ -204,7 +206,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 loader.set_epoch(epoch)
                 sums = EpochSums(accelerator.device, mse=cfg.training.loss == "mse", start=p.train_sums if skip else None)
                 p.epoch, p.epoch_done, p.batches_done = epoch, False, skip
-                t0, checkpoint_s = time.perf_counter(), 0.0
+                t0, clock = time.perf_counter(), EpochClock()
                 bar = tqdm(total=len(train_loader), initial=skip, desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False, disable=not show_bar)
                 for x, y in loader:
                     if memory_format is not None:
@@ -259,8 +261,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                         save_state(epoch_done=False, sums=sums.tensor())
                         raise announce_stop(accelerator, stop_message(stop_reason, signals.received, cfg, run_dir, p))
                     if ck.every_n_steps and p.global_step % ck.every_n_steps == 0 and p.batches_done < len(train_loader):
-                        save_state(epoch_done=False, sums=sums.tensor())
-                        checkpoint_s += time_limit.last_save
+                        with clock.paused():
+                            save_state(epoch_done=False, sums=sums.tensor())
                 bar.close()
                 sums = accelerator.reduce(sums.tensor(), "sum")
                 epoch_time = time.perf_counter() - t0
@@ -288,9 +290,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                         target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
                         pixel_std=data.pixel_std, image_size=cfg.data.image_size,
                     )
-                    tc = time.perf_counter()
-                    save_best_checkpoint(accelerator, model, best_path, meta, log_artifact=cfg.logging.wandb.log_model)
-                    checkpoint_s += time.perf_counter() - tc
+                    with clock.paused():
+                        save_best_checkpoint(accelerator, model, best_path, meta, log_artifact=cfg.logging.wandb.log_model)
                 else:
                     p.bad_epochs += 1
                 if p.best_epoch:
@@ -314,7 +315,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     say(f"Early stopping at epoch {epoch}: {reason}")
                     accelerator.log({"early_stopping/stopped_epoch": epoch, "early_stopping/reason": reason}, step=p.global_step)
                 p.batches_done = 0
-                epoch_times.append(time.perf_counter() - t0 - checkpoint_s)
+                epoch_times.append(clock.wall())
+                epoch_cpu_times.append(clock.cpu())
                 # --- End of epoch: an agreement point for stopping, and a full state --------------
                 stop, time_up = agree(accelerator, [signals.received is not None, time_limit.nearly_up()])
                 stop_reason = "signal" if stop else "max_time" if (time_up and not p.finished) else None
@@ -353,12 +355,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             "skipped_rows": data.skipped_rows,
             "train_time_s": train_time,
             "epoch_times_s": epoch_times,
+            "epoch_cpu_times_s": epoch_cpu_times,
             "run_dir": str(run_dir),
         }
         if accelerator.is_main_process:
             atomic_write_bytes(run_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
             print_results(results)
-        summary = {k: v for k, v in results.items() if v is not None and k not in ("run_dir", "epoch_times_s")}
+        summary = {k: v for k, v in results.items() if v is not None and k not in ("run_dir", "epoch_times_s", "epoch_cpu_times_s")}
         if p.stopped_early:
             summary["early_stopping/stopped_epoch"] = p.epoch
         exit_code = 0
@@ -499,6 +502,31 @@ def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
 def lr_values(optimizer: torch.optim.Optimizer, lrs: list[float]) -> dict[str, float]:
     """``lr`` (the first group's, shown on the console) and ``lr/<group name>`` for every group."""
     return {"lr": lrs[0], **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))}}
+
+
+class EpochClock:
+    """Wall and process-CPU seconds since it was made, without the spans inside ``paused()``.
+
+    CPU time is what ``benchmarks/overhead.py`` compares when it runs its arms in lockstep (each
+    process is stopped while the others run, which wall time would count)."""
+
+    def __init__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    @contextmanager
+    def paused(self):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall0 += time.perf_counter() - wall
+            self.cpu0 += time.process_time() - cpu
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def cpu(self) -> float:
+        return time.process_time() - self.cpu0
 
 
 class EpochSums:

@@ -366,7 +366,9 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
     if spec["method"] == "bayes":
         print("note: method bayes needs the W&B sweep server; offline, its parameters are sampled at random")
 
-    old_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # SIGINT explicitly too: a process started in the background by a non-interactive shell inherits
+    # SIGINT as ignored, and Python then never raises KeyboardInterrupt (Ctrl-C/kill -INT did nothing).
+    old_handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for t in state["trials"][: len(trials)]:
             run_dir = sweep_dir / t["name"]
@@ -409,7 +411,8 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
         print(f"\nInterrupted. Continue with the same command; state in {state_file}", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     save_state(sweep_dir, state)
     rows = write_leaderboard(sweep_dir, state)
     done = [t for t in state["trials"][: len(trials)] if t["status"] == "done"]
