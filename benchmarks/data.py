@@ -20,8 +20,6 @@ is never what a run waits for. Results for this machine are in docs/PERFORMANCE.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: the script's own folder)
 from train.config import load_config  # noqa: E402
 from train.data import build_data, make_loaders  # noqa: E402
 from train.models import build_model  # noqa: E402
@@ -90,14 +89,6 @@ def train_step_rate(cfg, steps: int) -> float:
             step()
         best = max(best, steps * cfg.data.batch_size / (time.perf_counter() - t0))
     return best
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -285,13 +285,16 @@ def test_cache_is_rebuilt_when_an_input_changes(tmp_path, monkeypatch):
     assert len(list((tmp_path / "c").glob("*.json"))) == 4
 
 
-def test_cache_waiters_poll_until_the_builder_is_done(tmp_path):
-    root = tmp_path / "i"
+def _six_pngs(root):
     root.mkdir()
-    paths = []
-    for i in range(6):
-        _rgb().save(root / f"{i}.png")
-        paths.append(root / f"{i}.png")
+    paths = [root / f"{i}.png" for i in range(6)]
+    for p in paths:
+        _rgb().save(p)
+    return paths
+
+
+def test_cache_waiters_poll_until_the_builder_is_done(tmp_path):
+    paths = _six_pngs(tmp_path / "i")
     results = {}
 
     def waiter():
@@ -308,12 +311,7 @@ def test_cache_waiters_poll_until_the_builder_is_done(tmp_path):
 
 
 def test_two_builders_at_once_build_once(tmp_path, monkeypatch):
-    root = tmp_path / "i"
-    root.mkdir()
-    paths = []
-    for i in range(6):
-        _rgb().save(root / f"{i}.png")
-        paths.append(root / f"{i}.png")
+    paths = _six_pngs(tmp_path / "i")
     calls = _count_decodes(monkeypatch)
     threads = [threading.Thread(target=ensure_cache, args=(paths, 8, tmp_path / "c", "k", True)) for _ in range(2)]
     for t in threads:
