@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from conftest import DEFAULT_CONFIG, ROOT, run_main
-from train.config import Config, ConfigError, flatten, load_config, parse_yaml
+from train.config import Config, flatten, load_config, parse_yaml
+from train.errors import ConfigError
 
 # sweep.yml is a W&B sweep file, not a trainer config (tests/test_sweep.py checks it).
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yml") if p.name != "sweep.yml")

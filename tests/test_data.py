@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import DEFAULT_CONFIG, run_main, tiny
-from train.config import UserError, load_config
+from train.config import load_config
+from train.errors import UserError
 from train.data import build_data, parse_date
 
 

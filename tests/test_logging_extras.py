@@ -123,7 +123,7 @@ def test_an_unknown_compile_backend_is_a_config_error(out):
 
 
 def test_the_old_wandb_keys_point_to_their_new_place():
-    from train.config import ConfigError
+    from train.errors import ConfigError
 
     with pytest.raises(ConfigError, match="logging.wandb.log_predictions moved to logging.log_predictions"):
         load_config(DEFAULT_CONFIG, ["logging.wandb.log_predictions=true"])

@@ -18,7 +18,8 @@ from PIL import Image
 
 from conftest import DEFAULT_CONFIG, ROOT
 from train import data as data_mod
-from train.config import UserError, load_config
+from train.config import load_config
+from train.errors import UserError
 from train.data import build_data, decode_image, ensure_cache, make_loaders, read_manifest_rows, split_rows
 
 RNG = np.random.default_rng(0)

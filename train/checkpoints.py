@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from train.config import ModelConfig, UserError
+from train.config import ModelConfig
+from train.errors import UserError
 from train.models import build_model
 
 FORMAT = "mok-date-checkpoint/1"

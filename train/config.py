@@ -16,26 +16,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class CleanExit(Exception):
-    """Ends the run with ``lines`` on stderr (each after ``prefix``) and ``exit_code``, no traceback."""
-
-    exit_code = 1
-    prefix = "error: "
-
-    def __init__(self, lines: list[str] | str):
-        self.lines = [lines] if isinstance(lines, str) else list(lines)
-        super().__init__("; ".join(self.lines))
-
-
-class UserError(CleanExit):
-    """A problem the user can fix (config, data, paths): exit code 2, nothing existing is touched."""
-
-    exit_code = 2
-
-
-class ConfigError(UserError):
-    pass
+from train.errors import ConfigError
+from train.redaction import redact
 
 
 class _Section(BaseModel):
@@ -420,8 +402,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, secrets redacted (it is printed and saved with the run)."""
-    from train.runinfo import redact
-
     return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
 
 

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from train.config import AugmentConfig, Config, DataConfig, UserError
+from train.config import AugmentConfig, Config, DataConfig
+from train.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 _MAX_LISTED = 10  # bad rows listed one per line before the summary line

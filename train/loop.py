@@ -26,14 +26,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from train.checkpoints import atomic_write_bytes, checkpoint_metadata, read_checkpoint, save_best, wait_durable
-from train.config import CleanExit, Config, UserError, flatten, parse_duration, to_yaml
+from train.config import Config, flatten, parse_duration, to_yaml
+from train.errors import CleanExit, UserError
 from train.data import baselines, build_data, make_loaders
 from train.extras import (
     SystemMetrics, gradient_histograms, gradient_layers, gradient_norms, gradient_scale, log_rich, log_system_metrics,
     prediction_sample, prediction_values, watch_model,
 )
 from train.models import build_model, maybe_sync_batchnorm
-from train.runinfo import new_run_name, redact, run_info
+from train.redaction import redact
+from train.runinfo import new_run_name, run_info
 from train.state import (
     Progress, list_states, prune, publish, read_progress, resolve_resume, state_name, state_root, write_progress_and_manifest,
 )
@@ -76,7 +78,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             say(f"No complete state in '{run_dir}': starting the run from scratch")
         name = run_dir.name
     else:
-        name = cfg.experiment.name or broadcast_object_list([new_run_name(cfg)])[0]
+        name = cfg.experiment.name or broadcast_object_list([new_run_name(cfg.model.name)])[0]
         run_dir = Path(cfg.experiment.output_dir) / name
         if run_dir.exists():
             raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name, or continue it with --resume auto")

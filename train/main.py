@@ -22,7 +22,8 @@ if __package__ in (None, ""):
     # make the `train` package importable without an install.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.config import CleanExit, load_config, to_yaml  # noqa: E402
+from train.config import load_config, to_yaml  # noqa: E402
+from train.errors import CleanExit  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from train.checkpoints import load_model, predict_years  # noqa: E402
-from train.config import UserError  # noqa: E402
+from train.errors import UserError  # noqa: E402
 from train.data import IMAGE_EXTENSIONS, bad_row_lines, decode_all, read_manifest_rows  # noqa: E402
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoints import atomic_write_bytes
-from train.config import UserError
+from train.errors import UserError
 
 STATE_FORMAT = "mok-date-state/1"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

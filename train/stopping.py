@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from train.config import CleanExit
+from train.errors import CleanExit
 
 EXIT_STOPPED = 3  # documented in main.py and docs/CHECKPOINTS.md: state saved, resume with --resume auto
 

@@ -49,7 +49,8 @@ if __package__ in (None, ""):
 
 from pydantic import BaseModel  # noqa: E402
 
-from train.config import Config, ConfigError, UserError, load_config, read_yaml_file  # noqa: E402
+from train.config import Config, load_config, read_yaml_file  # noqa: E402
+from train.errors import ConfigError, UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Keys the sweep itself sets for every trial; a sweep parameter must not fight over them.

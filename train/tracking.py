@@ -19,7 +19,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, on_main_process
 
-from train.config import Config, UserError
+from train.config import Config
+from train.errors import UserError
 
 
 class RunTensorBoard(GeneralTracker):

@@ -1,0 +1,56 @@
+"""Writes that a crash or a power loss cannot leave half done.
+
+Every file the trainer owns (results, checkpoints, state seals, the image cache, the sweep's files)
+is written through ``atomic_file``: a temporary name in the same directory, flushed and fsynced,
+renamed over the target, then the directory fsynced so the rename itself is durable. A reader sees
+the old file or the whole new one, never a part, and a failed write leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make the names in ``directory`` (a rename, a new file) survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | Path, sync_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path``.
+
+    The body writes the temporary file by any means (``open``, ``safetensors.save_file``, a numpy
+    memory map); the file is then fsynced and renamed. On any exception the temporary file is
+    removed and ``path`` is untouched. ``sync_dir=False`` leaves the directory fsync to the caller
+    (the best checkpoint does it off the training path).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically (see ``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
