@@ -2,49 +2,69 @@
 
 ``best.safetensors`` holds the unwrapped model's tensors plus string metadata: the model config,
 the target statistics (to turn outputs into years), the pixel normalization, and where it came from
-(epoch, optimizer step, monitored metric and value). Writes are atomic (temp file, fsync, rename),
-so a crash mid-write leaves the previous best file intact.
+(epoch, optimizer step, monitored metric and value). ``CheckpointMeta`` is the one schema of that
+metadata: every reader (predict, the test at the end of a run) goes through ``read_checkpoint``.
+Writes are atomic (``train.fsutil``), so a crash mid-write leaves the previous best file intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
+from torch import nn
 
 from train.config import ModelConfig
 from train.errors import UserError
+from train.fsutil import atomic_file, fsync_dir
 from train.models import build_model
 
 FORMAT = "mok-date-checkpoint/1"
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # The rename itself must reach the disk too, or a power loss can bring back the old name.
-    fsync_dir(path.parent)
+class CheckpointMeta(BaseModel):
+    """What ``best.safetensors`` carries besides its tensors (safetensors metadata is ``str -> str``;
+    the lists and the model config are JSON inside those strings)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
+
+    format: str
+    model: ModelConfig = Field(alias="model_config")
+    epoch: int = Field(ge=0)
+    global_step: int = Field(ge=0)
+    monitor: str
+    monitor_value: float = Field(allow_inf_nan=True)
+    target_mean: float
+    target_std: float = Field(gt=0)
+    pixel_mean: list[float] = Field(min_length=3, max_length=3)
+    pixel_std: list[float] = Field(min_length=3, max_length=3)
+    image_size: int = Field(ge=8, le=1024)
+
+    @field_validator("model", "pixel_mean", "pixel_std", mode="before")
+    @classmethod
+    def _json(cls, v):
+        return json.loads(v) if isinstance(v, str) else v
+
+    @field_validator("pixel_std")
+    @classmethod
+    def _positive(cls, v):
+        if any(s <= 0 for s in v):
+            raise ValueError("every entry must be > 0")
+        return v
 
 
 def checkpoint_metadata(
     *, model_cfg: ModelConfig, epoch: int, global_step: int, monitor: str, value: float,
     target_mean: float, target_std: float, pixel_mean: list[float], pixel_std: list[float], image_size: int,
 ) -> dict[str, str]:
-    """The metadata every best checkpoint carries (safetensors metadata is ``str -> str``)."""
+    """The metadata every best checkpoint carries, as safetensors stores it (``str -> str``)."""
     return {
         "format": FORMAT,
         "model_config": json.dumps(model_cfg.model_dump(mode="json")),
@@ -60,53 +80,8 @@ def checkpoint_metadata(
     }
 
 
-# One long-lived thread for directory fsyncs: starting a thread per save would cost ~0.1 ms itself.
-_syncer: ThreadPoolExecutor | None = None
-_pending: list[Future] = []
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def wait_durable() -> None:
-    """Wait until every rename ``save_best`` made is on disk (the loop calls it before it ends)."""
-    while _pending:
-        _pending.pop(0).result()
-
-
-def save_best(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Atomically write ``state_dict`` (already unwrapped/gathered) with ``metadata`` to ``path``.
-
-    Temp file, fsync, rename: a reader or a crash sees the old file or the whole new one. The
-    directory fsync that makes the rename itself survive a power loss (a second journal commit,
-    15-20% of the write here) runs on a background thread while training goes on; the next save and
-    the end of the run wait for it. benchmarks/overhead.py measures both.
-    """
-    global _syncer
-    path = Path(path)
-    # state_dict() tensors are already detached; copy only what is not a contiguous CPU tensor.
-    tensors = {k: v if v.device.type == "cpu" and v.is_contiguous() else v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    wait_durable()  # renames reach the disk in the order they were made
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)  # written by safetensors itself, no bytes copy
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if _syncer is None:
-        _syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-dir-fsync")
-    _pending.append(_syncer.submit(fsync_dir, path.parent))
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and metadata; a missing, corrupt or foreign file is a ``UserError``."""
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw metadata of any safetensors file; a missing or unreadable file is a ``UserError``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' not found")
@@ -115,26 +90,130 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load(payload)
         header_len = int.from_bytes(payload[:8], "little")
         metadata = json.loads(payload[8 : 8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint '{path}' is not a readable safetensors file ({e})") from None
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"checkpoint '{path}' has no model metadata (not written by this trainer)")
+    except (SafetensorError, ValueError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"'{path}' is not a readable safetensors file ({e})") from None
     return tensors, metadata
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, str]]:
-    """Rebuild the model described in the checkpoint's metadata and load its weights (eval mode)."""
-    tensors, metadata = read_checkpoint(path)
-    model = build_model(ModelConfig.model_validate(json.loads(metadata["model_config"])))
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """Tensors and validated metadata of a best checkpoint; anything wrong is one ``UserError`` line."""
+    tensors, raw = read_safetensors(path)
+    if raw.get("format") != FORMAT:
+        raise UserError(f"checkpoint '{path}' has no model metadata (not written by this trainer)")
+    try:
+        meta = CheckpointMeta.model_validate(raw)
+    except (ValidationError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint '{path}' has incomplete or inconsistent metadata: {_first_problem(e)}") from None
+    return tensors, meta
+
+
+def _first_problem(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" + (f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else "")
+    return f"a JSON field does not parse ({e})"
+
+
+def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """UserError naming every tensor that is missing, unexpected or of another shape."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = [f"{k}: missing" for k in expected if k not in got]
+    problems += [f"{k}: not in the configured model" for k in got if k not in expected]
+    problems += [f"{k}: shape {got[k]} vs {expected[k]} in the configured model"
+                 for k in expected if k in got and got[k] != expected[k]]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise UserError(f"{what}: the checkpoint does not fit the configured model "
+                        f"({len(problems)} tensors differ: {shown}); check the model section")
+
+
+def load_weights_strict(model: nn.Module, path: str, what: str) -> None:
+    """Warm start: weights only, from a best.safetensors or any state's model.safetensors."""
+    tensors, _ = read_safetensors(path)
+    check_tensors_match(model, tensors, f"{what} '{path}'")
     model.load_state_dict(tensors)
-    return model.eval(), metadata
 
 
-def predict_years(model: torch.nn.Module, metadata: dict[str, str], images_uint8: torch.Tensor) -> torch.Tensor:
-    """Dates in decimal years for a batch of uint8 ``[B, 3, H, W]`` images (already resized)."""
-    mean = torch.tensor(json.loads(metadata["pixel_mean"]), device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(json.loads(metadata["pixel_std"]), device=images_uint8.device).view(1, 3, 1, 1)
-    x = (images_uint8.float() / 255.0 - mean) / std
-    with torch.no_grad():
-        out = model(x).double()
-    return out.cpu() * float(metadata["target_std"]) + float(metadata["target_mean"])
+def build_from_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model described in the checkpoint's metadata and load its weights (eval mode)."""
+    tensors, meta = read_checkpoint(path)
+    model = build_model(meta.model)
+    check_tensors_match(model, tensors, f"checkpoint '{path}'")
+    model.load_state_dict(tensors)
+    return model.eval(), meta
+
+
+class BestCheckpoint:
+    """``<run_dir>/checkpoints/best.safetensors`` of one run: saved, waited for, loaded back.
+
+    A save writes a temporary file, fsyncs it and renames it over the old one: a reader or a crash
+    sees the old file or the whole new one. The directory fsync that makes the rename itself survive
+    a power loss (a second journal commit, 15-20% of the write here) runs on one background thread
+    while training goes on; the next save and ``close`` wait for it. benchmarks/overhead.py measures both.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "checkpoints" / "best.safetensors"
+        self._syncer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def __enter__(self) -> "BestCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def save(self, accelerator: Accelerator, model: nn.Module, metadata: dict[str, str]) -> None:
+        """Every process takes part (``get_state_dict`` gathers under FSDP/DeepSpeed); main writes."""
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            self.write(state_dict, metadata)
+        accelerator.wait_for_everyone()
+
+    def write(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Atomically write ``state_dict`` (already unwrapped/gathered) with ``metadata``."""
+        # state_dict() tensors are already detached; copy only what is not a contiguous CPU tensor.
+        tensors = {k: v if v.device.type == "cpu" and v.is_contiguous() else v.detach().to("cpu").contiguous()
+                   for k, v in state_dict.items()}
+        self.wait()  # renames reach the disk in the order they were made
+        try:
+            with atomic_file(self.path, sync_dir=False) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)  # written by safetensors itself, no bytes copy
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"could not write {self.path} ({getattr(e, 'strerror', None) or e}); the previous "
+                            "best checkpoint is intact. Free disk space or check permissions, then resume "
+                            "with --resume auto") from None
+        if self._syncer is None:
+            # One long-lived thread: starting a thread per save would cost ~0.1 ms itself.
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-dir-fsync")
+        self._pending = self._syncer.submit(fsync_dir, self.path.parent)
+
+    def wait(self) -> None:
+        """Until the last save's rename is on disk."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
+
+    def load_into(self, accelerator: Accelerator, model: nn.Module) -> None:
+        """Load the best weights into the model on every process (read on main, then broadcast)."""
+        self.wait()
+        if getattr(accelerator, "is_fsdp2", False):
+            # Sharded parameters: let torch scatter the full state dict from rank 0 (not run on a GPU
+            # here yet; see docs/DISTRIBUTED.md).
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            full = read_checkpoint(self.path)[0] if accelerator.is_main_process else {}
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(model, full, options=options)
+            return
+        payload = [read_checkpoint(self.path)[0] if accelerator.is_main_process else None]
+        state_dict = broadcast_object_list(payload)[0] if accelerator.num_processes > 1 else payload[0]
+        accelerator.unwrap_model(model).load_state_dict(state_dict)

@@ -9,6 +9,7 @@ name the full dotted path, so a misspelled key fails instead of silently falling
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -17,13 +18,53 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from train.errors import ConfigError
-from train.redaction import redact
+from train.redaction import redact, redact_text
+
+# Ranges that are not a matter of taste (see each field's use):
+SEED_MAX = 2**32 - 1  # np.random.seed (called by accelerate's set_seed) accepts 0 .. 2**32 - 1
+COUNT_MAX = 2**31 - 1  # counts reach PyTorch, TensorBoard and W&B as C integers; nothing real comes close
+THREADS_MAX = 1024  # threads or worker processes per training process: more is a typo, and a crash
+YEAR_RANGE = (1000.0, 3000.0)  # plausible dates of photographs (decimal years)
+MAX_TIME_DAYS = 100_000  # beyond this the deadline is not a finite number of seconds anyway
+NAME_MAX_BYTES = 255  # longest file name on common file systems (the run directory is named after it)
+QUOTE_MAX = 80  # an error line quotes at most this many characters of any value
+
+
+def _clip(text: str, limit: int = QUOTE_MAX) -> str:
+    """``text`` with secrets redacted, on one line, cut to ``limit`` characters (``...`` marks a cut)."""
+    text = redact_text(re.sub(r"[\r\n\t]+", " ", str(text)))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quote(value: Any, key: str = "") -> str:
+    """``repr(value)`` for an error line: redacted (a key named like key/token/secret hides it all), capped."""
+    if key:
+        value = redact({key: value})[key]
+    try:
+        text = repr(value)
+    except Exception:  # a recursive structure or an exotic object: name its type only
+        text = f"<{type(value).__name__}>"
+    return _clip(text)
+
+
+def _path_text(v: Optional[str]) -> Optional[str]:
+    """A string used as (part of) a file path must be one the operating system can take."""
+    if v is None:
+        return v
+    if "\0" in v:
+        raise ValueError("must not contain a NUL character")
+    try:
+        os.fsencode(v)
+    except UnicodeError:
+        raise ValueError("contains characters that cannot be part of a file name") from None
+    return v
 
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must fail, not silently fall back to a default.
     # coerce_numbers_to_str: `experiment.name=2024` or `tags=[2024]` are names, not errors.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # allow_inf_nan=False: no float setting means anything as nan, inf or -inf.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,22 +75,38 @@ class _Section(BaseModel):
 class ExperimentConfig(_Section):
     name: Optional[str] = Field(None, description="Run name; the run directory is <output_dir>/<name>. null: generated, unique.")
     output_dir: str = Field("runs", description="Parent directory of all run directories.")
-    seed: int = Field(42, ge=0, description="Seed for data generation, splits, shuffling, init and dropout.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for data generation, splits, shuffling, init and dropout (0 to 2**32 - 1, NumPy's range).")
 
     @field_validator("name")
     @classmethod
     def _plain_directory_name(cls, v):
         if v is not None and (not v.strip() or "/" in v or v in (".", "..")):
             raise ValueError("must be a plain directory name (no '/')")
+        _path_text(v)
+        if v is not None and len(v.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+            raise ValueError(f"must be at most {NAME_MAX_BYTES} bytes long (the file-system limit for a directory name)")
         return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _os_path(cls, v):
+        return _path_text(v)
 
 
 class SyntheticConfig(_Section):
-    num_train: int = Field(8000, ge=1, description="Training images generated in memory.")
-    num_val: int = Field(1000, ge=1, description="Validation images.")
-    num_test: int = Field(2000, ge=1, description="Test images.")
-    year_min: float = Field(1850.0, description="Earliest date (decimal year).")
-    year_max: float = Field(2020.0, description="Latest date (decimal year).")
+    num_train: int = Field(8000, ge=1, le=COUNT_MAX, description="Training images generated in memory.")
+    num_val: int = Field(1000, ge=1, le=COUNT_MAX, description="Validation images.")
+    num_test: int = Field(2000, ge=1, le=COUNT_MAX, description="Test images.")
+    year_min: float = Field(1850.0, description="Earliest date (decimal year, 1000 to 3000).")
+    year_max: float = Field(2020.0, description="Latest date (decimal year, 1000 to 3000).")
+
+    @field_validator("year_min", "year_max")
+    @classmethod
+    def _plausible_year(cls, v):
+        lo, hi = YEAR_RANGE
+        if not lo <= v <= hi:
+            raise ValueError(f"must be a decimal year between {lo:.0f} and {hi:.0f} (a plausible date of a photograph)")
+        return v
 
     @model_validator(mode="after")
     def _range(self):
@@ -68,6 +125,11 @@ class ManifestConfig(_Section):
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows for test when there is no split column.")
     group_column: Optional[str] = Field(None, description="CSV column naming the item/collection of each image: a random split keeps each group in one split.")
 
+    @field_validator("path", "image_root")
+    @classmethod
+    def _os_path(cls, v):
+        return _path_text(v)
+
     @model_validator(mode="after")
     def _fractions(self):
         if self.val_fraction + self.test_fraction >= 1:
@@ -84,15 +146,20 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     kind: Literal["synthetic", "manifest"] = Field("synthetic", description="synthetic: generated in memory; manifest: a CSV of image files.")
     image_size: int = Field(32, ge=8, le=1024, description="Images are square, image_size x image_size pixels.")
-    batch_size: int = Field(64, ge=1, description="Training batch size per process.")
-    eval_batch_size: int = Field(256, ge=1, description="Validation/test batch size per process.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+    batch_size: int = Field(64, ge=1, le=COUNT_MAX, description="Training batch size per process.")
+    eval_batch_size: int = Field(256, ge=1, le=COUNT_MAX, description="Validation/test batch size per process.")
+    num_workers: int = Field(0, ge=0, le=THREADS_MAX, description="DataLoader worker processes per training process.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="Manifest rows with a bad date, a missing or undecodable image: error (list them, stop) or skip (count them).")
     cache: bool = Field(False, description="Decode and resize manifest images once into a memory-mapped uint8 array on disk.")
     cache_dir: Optional[str] = Field(None, description="Where the cache lives (node-local disk on clusters). null: <output_dir>/.cache.")
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     manifest: ManifestConfig = ManifestConfig()
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _os_path(cls, v):
+        return _path_text(v)
 
     @model_validator(mode="after")
     def _manifest_has_path(self):
@@ -104,7 +171,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: Literal["mok_cnn", "resnet"] = Field("mok_cnn", description="mok_cnn (conv-BN-ReLU blocks) or resnet (small ResNet).")
     channels: list[int] = Field([16, 32, 64], min_length=1, description="Width of each block/stage; each one after the first halves the resolution.")
-    hidden: int = Field(64, ge=1, description="Width of the regression head's hidden layer.")
+    hidden: int = Field(64, ge=1, le=COUNT_MAX, description="Width of the regression head's hidden layer.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the last linear layer.")
     norm: Literal["batch", "group"] = Field("batch", description="batch: BatchNorm; group: GroupNorm (independent of the batch size).")
     sync_batchnorm: bool = Field(False, description="Convert BatchNorm to SyncBatchNorm in multi-process GPU runs (PyTorch supports it on GPUs only).")
@@ -115,7 +182,26 @@ class ModelConfig(_Section):
     def _positive_channels(cls, v):
         if any(c < 1 for c in v):
             raise ValueError("every entry must be >= 1")
+        if any(c > COUNT_MAX for c in v):
+            raise ValueError(f"every entry must be <= {COUNT_MAX}")
         return v
+
+    @field_validator("init_from")
+    @classmethod
+    def _os_path(cls, v):
+        return _path_text(v)
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self):
+        # GroupNorm uses min(8, channels) groups (train/models.py), which must divide the channels.
+        bad = [c for c in self.channels if c > 8 and c % 8]
+        if self.norm == "group" and bad:
+            raise ValueError(
+                f"model.norm=group needs every entry of model.channels of 8 or more to be a multiple of 8 "
+                f"(GroupNorm splits the channels into 8 groups); {', '.join(map(str, bad[:5]))} "
+                f"{'is' if len(bad) == 1 else 'are'} not"
+            )
+        return self
 
 
 class OptimizerConfig(_Section):
@@ -137,17 +223,17 @@ class SchedulerConfig(_Section):
     name: Literal["none", "cosine", "step", "plateau"] = Field("cosine", description="none | cosine (with warmup) | step | plateau.")
     warmup_epochs: float = Field(0.5, ge=0, description="cosine: linear warmup length in epochs (fractions allowed).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of the peak.")
-    step_epochs: int = Field(5, ge=1, description="step: multiply the lr by gamma every step_epochs epochs.")
+    step_epochs: int = Field(5, ge=1, le=COUNT_MAX, description="step: multiply the lr by gamma every step_epochs epochs.")
     gamma: float = Field(0.1, gt=0, le=1, description="step: the factor.")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="plateau: lr factor when the monitored metric stalls.")
-    plateau_patience: int = Field(2, ge=0, description="plateau: epochs without improvement before reducing.")
+    plateau_patience: int = Field(2, ge=0, le=COUNT_MAX, description="plateau: epochs without improvement before reducing.")
 
 
 class EarlyStoppingConfig(_Section):
     enabled: bool = Field(True, description="Stop when the monitored metric stops improving.")
     monitor: Literal["val/loss", "val/rmse", "val/mae"] = Field("val/rmse", description="Metric for early stopping, the plateau scheduler and the best checkpoint.")
     mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher is better.")
-    patience: int = Field(5, ge=1, description="Epochs without improvement before stopping.")
+    patience: int = Field(5, ge=1, le=COUNT_MAX, description="Epochs without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement (in the metric's unit).")
 
 
@@ -155,20 +241,20 @@ def parse_duration(text: str) -> float:
     """``[DD:]HH:MM:SS`` (Slurm's --time format) -> seconds."""
     parts = text.strip().split(":")
     if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
-        raise ValueError(f"must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+        raise ValueError(f"must be HH:MM:SS or DD:HH:MM:SS, got {_quote(text)}")
     values = [int(p) for p in parts]
     days = values.pop(0) if len(values) == 4 else 0
     hours, minutes, seconds = values
     if minutes >= 60 or seconds >= 60:
-        raise ValueError(f"minutes and seconds must be below 60, got {text!r}")
+        raise ValueError(f"minutes and seconds must be below 60, got {_quote(text)}")
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(12, ge=1, description="Maximum number of epochs.")
+    epochs: int = Field(12, ge=1, le=COUNT_MAX, description="Maximum number of epochs.")
     loss: Literal["mse", "huber", "l1"] = Field("mse", description="Loss on standardized targets.")
     huber_delta: float = Field(1.0, gt=0, description="huber: delta, in standardized units.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=COUNT_MAX, description="Micro-batches per optimizer step.")
     max_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value. null: no clipping.")
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = Field(None, description="null follows the launcher; no | fp16 (CUDA only) | bf16.")
     max_time: Optional[str] = Field(None, description="Wall-clock limit [DD:]HH:MM:SS: save a full state and stop cleanly before it.")
@@ -178,7 +264,7 @@ class TrainingConfig(_Section):
     def _yaml_no_is_false(cls, v):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
 
-    num_threads: Optional[int] = Field(None, ge=1, description="CPU threads per process. null: on CPU, the cores divided among this machine's processes.")
+    num_threads: Optional[int] = Field(None, ge=1, le=THREADS_MAX, description="CPU threads per process. null: on CPU, the cores divided among this machine's processes.")
     compile: bool = Field(False, description="torch.compile the model (in place: checkpoints keep their keys). Pays off on GPUs for long runs.")
     compile_backend: str = Field("inductor", description="torch.compile backend: inductor (needs a C++ compiler on CPU), aot_eager, eager, ...")
     channels_last: bool = Field(False, description="Model and inputs in channels-last memory format (faster convolutions on recent GPUs, often with mixed precision).")
@@ -190,15 +276,15 @@ class TrainingConfig(_Section):
     @field_validator("max_time")
     @classmethod
     def _duration(cls, v):
-        if v is not None:
-            parse_duration(v)
+        if v is not None and parse_duration(v) > MAX_TIME_DAYS * 86400:
+            raise ValueError(f"must be at most {MAX_TIME_DAYS} days")
         return v
 
 
 class CheckpointConfig(_Section):
-    every_n_epochs: int = Field(1, ge=0, description="Save a full resumable state every N epochs; 0 = never at epoch ends.")
-    every_n_steps: Optional[int] = Field(None, ge=1, description="Also save a full state every N optimizer steps. null: off.")
-    keep_last: int = Field(2, ge=1, description="Full states kept (newest); best.safetensors is never pruned.")
+    every_n_epochs: int = Field(1, ge=0, le=COUNT_MAX, description="Save a full resumable state every N epochs; 0 = never at epoch ends.")
+    every_n_steps: Optional[int] = Field(None, ge=1, le=COUNT_MAX, description="Also save a full state every N optimizer steps. null: off.")
+    keep_last: int = Field(2, ge=1, le=COUNT_MAX, description="Full states kept (newest); best.safetensors is never pruned.")
 
 
 class WandbConfig(_Section):
@@ -211,7 +297,23 @@ class WandbConfig(_Section):
     mode: Optional[Literal["online", "offline", "disabled"]] = Field(None, description="null follows WANDB_MODE (online when unset).")
     log_model: bool = Field(True, description="Log the best checkpoint as a W&B model artifact.")
     watch_model: bool = Field(False, description="wandb.watch on the model (main process): parameter histograms, and gradient histograms unless logging.log_gradients already makes them.")
-    watch_log_freq: Optional[int] = Field(None, ge=1, description="wandb.watch logs every this many optimizer steps. null: logging.histograms_every_n_steps.")
+    watch_log_freq: Optional[int] = Field(None, ge=1, le=COUNT_MAX, description="wandb.watch logs every this many optimizer steps. null: logging.histograms_every_n_steps.")
+
+    @field_validator("project")
+    @classmethod
+    def _wandb_project_name(cls, v):
+        # What wandb.init accepts (wandb_settings.validate_project); checked here, before anything starts.
+        bad = sorted(set("/\\#?%:") & set(v))
+        if not v or len(v) > 128 or bad:
+            raise ValueError("must be 1 to 128 characters without any of / \\ # ? % : (W&B's rule for project names)")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _wandb_tags(cls, v):
+        if any(not 1 <= len(t) <= 64 for t in v):
+            raise ValueError("every tag must be 1 to 64 characters long (W&B's rule)")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -225,13 +327,13 @@ class WandbConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard events under <run_dir>/tensorboard.")
-    log_every_n_steps: int = Field(50, ge=1, description="Log train/loss_step every this many optimizer steps.")
+    log_every_n_steps: int = Field(50, ge=1, le=COUNT_MAX, description="Log train/loss_step every this many optimizer steps.")
     progress_bar: bool = Field(True, description="Show a tqdm bar on the main process.")
     log_predictions: bool = Field(False, description="Val predictions every predictions_every_n_epochs (and test at the end): W&B table of a fixed sample, residual histogram, RMSE by decade, worst predictions.")
-    predictions_every_n_epochs: int = Field(1, ge=1, description="log_predictions: every this many epochs (and the last).")
+    predictions_every_n_epochs: int = Field(1, ge=1, le=COUNT_MAX, description="log_predictions: every this many epochs (and the last).")
     num_predictions: int = Field(32, ge=1, le=1000, description="log_predictions: images in the W&B table (the same ones every time).")
     log_gradients: bool = Field(False, description="Per-layer gradient norms every log_every_n_steps, gradient histograms every histograms_every_n_steps, to both trackers.")
-    histograms_every_n_steps: int = Field(500, ge=1, description="Gradient (log_gradients) and wandb.watch histograms every this many optimizer steps.")
+    histograms_every_n_steps: int = Field(500, ge=1, le=COUNT_MAX, description="Gradient (log_gradients) and wandb.watch histograms every this many optimizer steps.")
     system_metrics: bool = Field(False, description="TensorBoard gets process RSS, CPU % and CUDA memory each epoch (W&B records its own system metrics).")
     wandb: WandbConfig = WandbConfig()
 

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train.config import AugmentConfig, Config, DataConfig
 from train.errors import UserError
+from train.fsutil import atomic_file, atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 _MAX_LISTED = 10  # bad rows listed one per line before the summary line
@@ -63,6 +64,7 @@ class DatedImages(Dataset):
         self.seed = 0
         self.stats: np.ndarray | None = None  # per-image channel stats, when already computed
         self.paths: list[Path] | None = None  # source files, where the images came from files
+        self.row_numbers: list[int] | None = None  # manifest CSV row of each image, where there is a manifest
 
     def __len__(self) -> int:
         return len(self.years)
@@ -288,11 +290,21 @@ class ManifestRows:
 
     csv_path: Path
     row_numbers: list[int]  # CSV row numbers (the header is row 1)
+    texts: list[str]  # the path column as written in the CSV
     paths: list[Path]
     years: list[float]
     splits: list[str]  # "" without a split column
     groups: list[str]  # "" without a group column
     problems: dict[int, str]  # row number -> reason, for rows already dropped
+
+
+def csv_header(csv_path: Path) -> list[str]:
+    """The column names of a CSV, with the same error as ``read_manifest_rows`` for an unreadable file."""
+    try:
+        with Path(csv_path).open(newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e})") from None
 
 
 def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str, date_column: str | None,
@@ -318,7 +330,7 @@ def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e})") from None
-    out = ManifestRows(csv_path, [], [], [], [], [], {})
+    out = ManifestRows(csv_path, [], [], [], [], [], [], {})
     for row_number, row in enumerate(rows, start=2):  # row 1 is the header
         text = (row.get(path_column) or "").strip()
         if not text:
@@ -341,6 +353,7 @@ def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str
             out.problems[row_number] = f"image '{p}' not found"
             continue
         out.row_numbers.append(row_number)
+        out.texts.append(text)
         out.paths.append(p)
         out.years.append(year)
         out.splits.append(split)
@@ -454,23 +467,17 @@ def cache_key(csv_path: Path, paths: list[Path], size: int) -> str:
 
 
 def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, num_workers: int, show_bar: bool) -> None:
-    """Decode everything into ``array_file`` (written under a temp name, then renamed), then write
-    ``marker`` (the decode errors) the same way. Readers trust only a cache whose marker exists."""
-    from train.checkpoints import atomic_write_bytes
-
-    tmp = array_file.with_name(f".{array_file.name}.tmp-{os.getpid()}")
-    try:
+    """Decode everything into ``array_file``, then write ``marker`` (the decode errors), each
+    atomically. Readers trust only a cache whose marker exists."""
+    errors: dict[int, str] = {}
+    with atomic_file(array_file) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-        errors: dict[int, str] = {}
         for idx, imgs, errs in decode_all(paths, size, num_workers, "Caching images", show_bar):
             if idx:
                 arr[idx] = imgs.numpy()
             errors.update(errs)
         arr.flush()
         del arr
-        os.replace(tmp, array_file)
-    finally:
-        tmp.unlink(missing_ok=True)
     payload = {"format": _CACHE_FORMAT, "count": len(paths), "image_size": size, "errors": {str(k): v for k, v in errors.items()}}
     atomic_write_bytes(marker, json.dumps(payload).encode())
 
@@ -528,24 +535,17 @@ def _cached_stats(ds: CachedImages, chunk: int = 1024) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_local_builder() -> tuple[bool, bool]:
-    """(is the local main process, is the global main process); one process when not distributed."""
-    from accelerate import PartialState
+def _read_manifest(cfg: Config, local_main: bool, main: bool):
+    """The three manifest datasets, plus ``(skipped row count, bad-row lines)``.
 
-    # The loop creates PartialState(cpu=...) before build_data; this returns that shared state.
-    state = PartialState()
-    return state.is_local_main_process, state.is_main_process
-
-
-def _read_manifest(cfg: Config):
-    """The three manifest datasets, plus ``(skipped row count, bad-row lines)``."""
+    ``local_main``: this process builds the image cache for its machine (the others wait for it);
+    ``main``: this process prints the skipped-rows note."""
     d, m, seed = cfg.data, cfg.data.manifest, cfg.experiment.seed
     if not m.path or not Path(m.path).is_file():
         raise UserError(f"data.manifest.path: '{m.path}' not found (a CSV with columns '{m.path_column}' and '{m.date_column}')")
     rows = read_manifest_rows(Path(m.path), Path(m.image_root) if m.image_root else None, m.path_column, m.date_column,
                               m.split_column, m.group_column)
     csv_path, problems = rows.csv_path, dict(rows.problems)
-    local_main, main = _is_local_builder()
     show_bar = local_main and cfg.logging.progress_bar
 
     # Decode every image once: it finds undecodable files before training and yields pixel stats.
@@ -646,7 +646,7 @@ def channel_stats(ds: DatedImages, batch_size: int = 256, num_workers: int = 0) 
     return torch.cat(list(loader)).double().numpy()
 
 
-def build_data(cfg: Config) -> Data:
+def build_data(cfg: Config, is_local_main: bool = True, is_main: bool = True) -> Data:
     """Build the train/val/test datasets with train-split target and pixel statistics applied.
 
     Manifest data: raises ``UserError`` naming the bad rows (``data.on_bad_row=error``) or drops them
@@ -658,7 +658,7 @@ def build_data(cfg: Config) -> Data:
     if d.kind == "synthetic":
         train, val, test = _make_synthetic(d, seed)
     else:
-        (train, val, test), skipped, bad = _read_manifest(cfg)
+        (train, val, test), skipped, bad = _read_manifest(cfg, is_local_main, is_main)
     stats = channel_stats(train, num_workers=d.num_workers)
     pixel_mean = stats[:, :3].mean(0)
     # std over all train pixels = sqrt(mean of per-image variances + variance of per-image means)
@@ -674,8 +674,8 @@ def build_data(cfg: Config) -> Data:
     return Data(train, val, test, target_mean, target_std, pixel_mean.tolist(), pixel_std.tolist(), skipped, bad)
 
 
-def make_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader, DataLoader, EpochSampler]:
-    """Loaders for the three splits; the train loader's order comes from the returned sampler.
+def make_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Loaders for the three splits; the train loader's order comes from an ``EpochSampler``.
 
     Decoding runs in ``data.num_workers`` worker processes, kept alive across epochs; batches are
     pinned when a CUDA device is there to receive them.
@@ -690,10 +690,14 @@ def make_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader, DataL
         n = d.num_workers if (isinstance(ds, ManifestImages) or ds.augment is not None) else 0
         return dict(num_workers=n, persistent_workers=n > 0, pin_memory=torch.cuda.is_available())
 
-    train = DataLoader(data.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, **common(data.train))
+    # Its own generator: otherwise creating the iterator draws from the global RNG that dropout
+    # uses, and a mid-epoch resume (which creates it at another point) would shift that stream.
+    generator = torch.Generator().manual_seed(cfg.experiment.seed)
+    train = DataLoader(data.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, generator=generator,
+                       **common(data.train))
     val = DataLoader(data.val, batch_size=d.eval_batch_size, shuffle=False, **common(data.val))
     test = DataLoader(data.test, batch_size=d.eval_batch_size, shuffle=False, **common(data.test))
-    return train, val, test, sampler
+    return train, val, test
 
 
 def baselines(data: Data, num_workers: int = 0) -> dict[str, float]:

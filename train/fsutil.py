@@ -54,3 +54,47 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for the whole run by its main process.
+
+    ``fcntl.flock`` on ``<run_dir>/.lock``: advisory, and released by the kernel when the process
+    dies, so a kill -9 never leaves a run locked. The file keeps the holder's pid and host, which
+    the refusal of a second trainer names.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``UserError`` (held by another process, or not writable)."""
+        import fcntl
+        import socket
+
+        from train.errors import UserError
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write in the run directory '{self.path.parent}' ({e.strerror}); "
+                            "a run needs a writable directory: copy it to a writable disk and resume there") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"run directory '{self.path.parent}' is in use by {holder}; wait for it to end "
+                            "(or stop it), or choose another experiment.name") from None
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:  # a full disk: the lock holds all the same, it only cannot name its holder
+            pass
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None

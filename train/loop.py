@@ -1,509 +1,423 @@
-"""The training function: one plain loop in Accelerate order, read top to bottom.
+"""The training function, read top to bottom in Accelerate order, and the stages it calls.
 
-    Accelerator -> data -> run directory -> trackers -> model/optimizer -> prepare
-    -> epochs (train, gather_for_metrics eval, log, best checkpoint, early stopping)
-    -> test with the best weights -> results.json -> trackers closed (on every exit path).
+    train:  runtime -> plan the run (new or resumed; every refusal happens here) -> data -> model
+            -> check the state fits -> run directory -> Accelerator + trackers -> prepare + restore
+            -> epochs -> test with the best weights -> results -> trackers closed (on every path)
+    epoch:  train_epoch -> evaluate -> close_epoch (metrics, best checkpoint, early stopping, logs,
+            the epoch-end state and stop)
 
-Building, evaluating and checkpointing live in small helpers beside it.
+The stages share one ``Run`` (what was built once) and its ``Progress`` (what a full state saves).
+Optional logs are plain calls at fixed points (``train.optional_logs``); resumable states live in
+``train.state``, the stop protocol in ``train.stopping``, the best checkpoint in ``train.checkpoints``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shlex
-import shutil
-import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from train.checkpoints import atomic_write_bytes, checkpoint_metadata, read_checkpoint, save_best, wait_durable
-from train.config import Config, flatten, parse_duration, to_yaml
-from train.errors import CleanExit, UserError
-from train.data import baselines, build_data, make_loaders
-from train.extras import (
-    SystemMetrics, gradient_histograms, gradient_layers, gradient_norms, gradient_scale, log_rich, log_system_metrics,
-    prediction_sample, prediction_values, watch_model,
-)
-from train.models import build_model, maybe_sync_batchnorm
-from train.redaction import redact
-from train.runinfo import new_run_name, run_info
+from train.checkpoints import BestCheckpoint, checkpoint_metadata, load_weights_strict
+from train.config import Config, parse_duration
+from train.console import early_stop_reason, epoch_block, print_results
+from train.data import Data, baselines, build_data, make_loaders
+from train.errors import NonFiniteLoss, UserError
+from train.fsutil import atomic_write_bytes
+from train.models import build_model
+from train.optim import build_loss, build_optimizer, build_scheduler, lr_values
+from train.optional_logs import OptionalLogs
+from train.runtime import Runtime, memory_format, place_model, resolve_config, start_runtime
 from train.state import (
-    Progress, list_states, prune, publish, read_progress, resolve_resume, state_name, state_root, write_progress_and_manifest,
+    Progress, RunPlan, check_state_fits, open_run_dir, plan_run, restore_state, save_full_state,
 )
-from train.stopping import NonFiniteLoss, StopSignals, Stopped, TimeLimit, agree
-from train.tracking import check_wandb, finish_trackers, log_model_artifact, start_trackers, tracker_list, wandb_run_id
+from train.stopping import StopControl, all_finite
+from train.tracking import Tracking, log_model_artifact, wandb_run_id
 
 
-WORST_ROWS = 10  # rows of the worst-predictions table (log_predictions)
-
-
-def train(cfg: Config, resume: str | None = None) -> dict:
+def train(cfg: Config, resume: str | None = None, restart: bool = False) -> dict:
     """Train, evaluate and track one run described by ``cfg``; return the results dict.
 
-    ``resume``: ``"auto"`` or a path (see ``train.state.resolve_resume``). Raises ``UserError`` for
-    anything the user can fix (before any file is written where possible), ``Stopped`` after a
-    signal or ``training.max_time`` (a full state is saved), ``NonFiniteLoss`` for NaN/inf.
+    ``resume``: ``"auto"`` or a path (``train.state.locate_resume``); ``restart``: move an existing
+    run directory aside first. Raises ``UserError`` for anything the user can fix, always before any
+    file is written, except a disk that fills up later; ``Stopped`` after a signal or
+    ``training.max_time`` (a full state is saved); ``NonFiniteLoss`` for NaN/inf.
     """
-    # --- Processes and precision ------------------------------------------------------------------
-    use_cpu = not torch.cuda.is_available()
-    mixed_precision, note = resolve_mixed_precision(cfg, use_cpu)
-    # Without cpu=True, `accelerate launch --multi_gpu` on a machine with no GPU starts N unrelated
-    # single-process runs that all think they are the main process (N W&B runs); with it, gloo/MULTI_CPU.
-    state = PartialState(cpu=use_cpu)
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    if note:
-        say(note)
-    check_compile_backend(cfg)
-    say(set_num_threads(cfg, use_cpu))
-    if cfg.training.tf32:
-        say(enable_tf32(use_cpu))
+    rt = start_runtime(cfg)
+    with plan_run(cfg, rt.processes, resume, restart, rt.say) as plan:  # holds the run directory's lock
+        if plan.finished_results is not None:
+            return plan.finished_results  # a finished run, resumed: nothing to do, nothing rewritten
+        cfg = resolve_config(cfg, plan.name, rt)
+        data = build_data(cfg, is_local_main=rt.is_local_main, is_main=rt.is_main)
+        loaders = make_loaders(cfg, data)
+        model = build_run_model(cfg, rt, plan)
+        optimizer = build_optimizer(cfg, model)
+        check_state_fits(plan, model, optimizer)  # the last refusal: nothing has been written yet
+        open_run_dir(plan, cfg, rt.processes)
+        with Tracking(cfg, rt, plan) as tracking, BestCheckpoint(plan.run_dir) as best:
+            accelerator = tracking.accelerator
+            if data.skipped_rows and plan.progress is None:
+                accelerator.log({"data/skipped_rows": data.skipped_rows}, step=0)
+            model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
+            run = start_run(cfg, accelerator, model, optimizer, loaders, data, plan, best)
+            if plan.resume_dir is not None:
+                restore_state(accelerator, run.scheduler, plan)
+            with run.stop:  # signals become a flag, read at the agreement points
+                run_epochs(run)
+            results = test_and_report(run)
+            tracking.summary = tracker_summary(results, run.progress)
+            return results
 
-    # --- Which run: a new one, or a resumed one ----------------------------------------------------
-    resume_dir, progress = None, None
-    if resume:
-        resume_dir, run_dir = resolve_resume(resume, cfg.experiment.output_dir, cfg.experiment.name, warn=say)
-        if resume_dir is not None:
-            progress = read_progress(resume_dir)
-            say(f"Resuming run '{progress.run_name}' from {resume_dir} (epoch {progress.epoch}, step {progress.global_step})")
-        else:
-            say(f"No complete state in '{run_dir}': starting the run from scratch")
-        name = run_dir.name
-    else:
-        name = cfg.experiment.name or broadcast_object_list([new_run_name(cfg.model.name)])[0]
-        run_dir = Path(cfg.experiment.output_dir) / name
-        if run_dir.exists():
-            raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name, or continue it with --resume auto")
-    cfg = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"name": name})})
-    if os.environ.get("WANDB_SWEEP_ID") and not cfg.logging.wandb.enabled:
-        # Under `wandb agent` the trial reports to the sweep whatever the config file says.
-        say("W&B sweep agent detected (WANDB_SWEEP_ID): logging.wandb.enabled=true for this trial")
-        cfg.logging.wandb.enabled = True
-    check_wandb(cfg)
 
-    # --- Data (before anything is written: a bad manifest must leave no empty run directory) -------
-    data = build_data(cfg)
-    train_loader, val_loader, test_loader, sampler = make_loaders(cfg, data)
-    # Its own generator: otherwise creating the iterator draws from the global RNG that dropout
-    # uses, and a mid-epoch resume (which creates it at another point) would shift that stream.
-    train_loader.generator = torch.Generator().manual_seed(cfg.experiment.seed)
+def build_run_model(cfg: Config, rt: Runtime, plan: RunPlan) -> nn.Module:
+    """The configured model, seeded, warm-started when asked, placed for this runtime."""
     set_seed(cfg.experiment.seed)  # before the model exists: its initialization is part of the run
     model = build_model(cfg.model)
-    if cfg.model.init_from and progress is None:
+    if cfg.model.init_from and plan.progress is None:
         load_weights_strict(model, cfg.model.init_from, what="model.init_from")
-        say(f"Initialized the model from {cfg.model.init_from}")
-    model, bn_note = maybe_sync_batchnorm(model, cfg.model, state.num_processes, use_cpu)
-    if bn_note:
-        say(bn_note)
-    memory_format = torch.channels_last if cfg.training.channels_last else None
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
-    if cfg.training.compile:
-        # In place (nn.Module.compile): the state dict keeps its keys, so checkpoints, resume and
-        # predict work unchanged. A smaller last batch compiles once more, then shapes are dynamic.
-        model.compile(backend=cfg.training.compile_backend)
+        rt.say(f"Initialized the model from {cfg.model.init_from}")
+    return place_model(model, cfg, rt)
 
-    # --- Run directory, Accelerator, trackers ----------------------------------------------------
-    if state.is_main_process:
-        make_run_dir(run_dir, exist_ok=resume is not None)
-        if not (run_dir / "config.yaml").exists():
-            atomic_write_bytes(run_dir / "config.yaml", config_yaml(cfg).encode())
-    state.wait_for_everyone()
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        # purge_step: TensorBoard hides events at or after the resumed step, so no step repeats.
-        log_with=tracker_list(cfg, run_dir, purge_step=progress.global_step + 1 if progress else (0 if resume else None)),
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+
+@dataclass
+class Run:
+    """What the stages share: built once by ``start_run``; ``progress`` is what a full state saves."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step_per_batch: bool  # the scheduler steps per optimizer step (cosine), else per epoch
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    data: Data
+    progress: Progress
+    run_dir: Path
+    best: BestCheckpoint
+    stop: StopControl
+    logs: OptionalLogs
+    loss_fn: nn.Module
+    eval_loss: nn.Module  # per-sample values, for the gathered evaluation
+    memory_format: torch.memory_format | None
+    clip_norm: float | None  # max_grad_norm, inf to only read the norm (skip_step), None: neither
+    skipped_steps: int = 0
+    lr_used: list[float] = field(default_factory=list)  # the last optimizer step's lr per group
+    # Per epoch: train + validation + logging, checkpoint and state writes excluded (benchmarks/).
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_cpu_seconds: list[float] = field(default_factory=list)
+    clock: "EpochClock | None" = None
+    val_samples: int = 0
+
+    def first_epoch(self) -> int:
+        p = self.progress
+        return p.epoch + 1 if p.epoch_done else p.epoch
+
+    def say(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(text)
+
+
+def start_run(cfg: Config, accelerator: Accelerator, model, optimizer, loaders, data: Data, plan: RunPlan,
+              best: BestCheckpoint) -> Run:
+    """Everything the epochs need that depends on the prepared objects."""
+    train_loader, val_loader, test_loader = loaders
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.training.gradient_accumulation_steps)
+    scheduler, step_per_batch = build_scheduler(cfg, optimizer, steps_per_epoch)
+    t = cfg.training
+    progress = plan.progress or Progress(run_name=plan.name, model_config=cfg.model.model_dump(mode="json"))
+    progress.num_processes = accelerator.num_processes
+    progress.wandb_run_id = wandb_run_id(accelerator) or progress.wandb_run_id
+    stop = StopControl(accelerator, t.max_time, parse_duration(t.max_time) if t.max_time else None,
+                       plan.run_dir, plan.name)
+    clip_norm = t.max_grad_norm or (math.inf if t.on_nonfinite == "skip_step" else None)
+    return Run(
+        cfg, accelerator, model, optimizer, scheduler, step_per_batch, train_loader, val_loader, test_loader, data,
+        progress, plan.run_dir, best, stop, OptionalLogs(accelerator, model, cfg, data), build_loss(cfg),
+        build_loss(cfg, reduction="none"), memory_format(cfg), clip_norm,
+        lr_used=[g["lr"] for g in optimizer.param_groups], val_samples=progress.val_samples,
     )
-    flat_config = redact({**flatten(cfg.model_dump(mode="json")), **flatten(run_info(), "meta.")})
-    start_trackers(accelerator, cfg, run_dir, flat_config, run_id=progress.wandb_run_id if progress else None)
-    if data.skipped_rows and progress is None:
-        accelerator.log({"data/skipped_rows": data.skipped_rows}, step=0)
-
-    exit_code = 1
-    summary: dict = {}
-    lg = cfg.logging
-    try:
-        # --- Optimizer, schedule, prepare, resume ------------------------------------------------
-        optimizer = build_optimizer(cfg, model)
-        model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-            model, optimizer, train_loader, val_loader, test_loader
-        )
-        steps_per_epoch = math.ceil(len(train_loader) / cfg.training.gradient_accumulation_steps)
-        # Not passed through prepare(): a prepared scheduler steps num_processes times per call.
-        # Counting our own optimizer steps keeps the lr at a given fraction of training the same
-        # with 1 and N processes, and lets ReduceLROnPlateau step exactly once per epoch.
-        scheduler, step_per_batch = build_scheduler(cfg, optimizer, steps_per_epoch)
-        loss_fn, eval_loss = build_loss(cfg), build_loss(cfg, reduction="none")
-        # Optional logging (train/extras.py); all off by default.
-        if accelerator.distributed_type == DistributedType.FSDP and (lg.log_gradients or cfg.logging.wandb.watch_model):
-            # Sharded gradients: the main process alone would read its shard (or wait on a collective).
-            say("warning: logging.log_gradients and logging.wandb.watch_model are ignored under FSDP (sharded gradients)")
-            lg = lg.model_copy(update={"log_gradients": False, "wandb": lg.wandb.model_copy(update={"watch_model": False})})
-            cfg = cfg.model_copy(update={"logging": lg})
-        grad_layers = gradient_layers(accelerator.unwrap_model(model)) if lg.log_gradients and accelerator.is_main_process else None
-        watch_model(accelerator, model, cfg)
-        system = SystemMetrics(accelerator.device) if lg.system_metrics and accelerator.is_main_process else None
-        val_sample = prediction_sample(len(data.val), lg.num_predictions, cfg.experiment.seed)
-        test_sample = prediction_sample(len(data.test), lg.num_predictions, cfg.experiment.seed)
-        es, ck = cfg.training.early_stopping, cfg.checkpoint
-        best_path = run_dir / "checkpoints" / "best.safetensors"
-        log_every = cfg.logging.log_every_n_steps
-        show_bar = accelerator.is_local_main_process and cfg.logging.progress_bar
-        sign = 1.0 if es.mode == "min" else -1.0
-        p = progress or Progress(run_name=name, model_config=cfg.model.model_dump(mode="json"))
-        p.num_processes = accelerator.num_processes
-        p.wandb_run_id = wandb_run_id(accelerator) or p.wandb_run_id
-        if progress is not None:
-            if not progress.epoch_done and progress.num_processes != accelerator.num_processes:
-                raise UserError(
-                    f"--resume: {resume_dir} was saved mid-epoch with {progress.num_processes} processes; resume it with "
-                    f"{progress.num_processes} (the batches already seen are counted per process), or from an epoch-end state"
-                )
-            restore_state(accelerator, model, scheduler, resume_dir, progress)
-            if accelerator.is_main_process:
-                set_aside_newer_states(run_dir, progress.global_step)
-        start_epoch = p.epoch + 1 if p.epoch_done else p.epoch
-        time_limit = TimeLimit(parse_duration(cfg.training.max_time) if cfg.training.max_time else None)
-        skipped_steps, val, lr_used = 0, None, [g["lr"] for g in optimizer.param_groups]
-        # Per epoch: train + validation + logging, checkpoint and state writes excluded (benchmarks/).
-        epoch_times: list[float] = []
-        epoch_cpu_times: list[float] = []
-        grad_log: dict[str, float] = {}
-
-        # accumulate() matters only with several micro-batches per optimizer step; its context
-        # manager alone costs ~7 us a step, which is measurable on small models (benchmarks/).
-        accumulating, no_accumulation = cfg.training.gradient_accumulation_steps > 1, nullcontext()
-
-        def save_state(epoch_done: bool, sums: torch.Tensor) -> None:
-            """Full resumable state; refuses (on_nonfinite=stop) to write non-finite weights."""
-            finite = all_finite(accelerator, model, sums)
-            if not finite and cfg.training.on_nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss or weights in epoch {p.epoch} by step {p.global_step}; no state saved, best.safetensors untouched")
-            p.epoch_done, p.train_sums = epoch_done, [] if epoch_done else sums.tolist()
-            p.scheduler = scheduler.state_dict() if scheduler is not None else None
-            t0 = time.perf_counter()
-            save_full_state(accelerator, run_dir, p, ck.keep_last)
-            time_limit.last_save = time.perf_counter() - t0
-
-        with StopSignals() as signals:
-            for epoch in range(start_epoch, cfg.training.epochs + 1):
-                if p.finished:
-                    break
-                # --- Train one epoch ---------------------------------------------------------
-                model.train()
-                skip = p.batches_done if (not p.epoch_done and epoch == p.epoch) else 0
-                loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-                # On the prepared loader: it passes the epoch to our sampler on every iteration.
-                loader.set_epoch(epoch)
-                sums = EpochSums(accelerator.device, mse=cfg.training.loss == "mse", start=p.train_sums if skip else None)
-                p.epoch, p.epoch_done, p.batches_done = epoch, False, skip
-                t0, clock = time.perf_counter(), EpochClock()
-                bar = tqdm(total=len(train_loader), initial=skip, desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False, disable=not show_bar)
-                for x, y in loader:
-                    if memory_format is not None:
-                        x = x.contiguous(memory_format=memory_format)
-                    with accelerator.accumulate(model) if accumulating else no_accumulation:
-                        pred = model(x).float()
-                        loss = loss_fn(pred, y)
-                        accelerator.backward(loss)
-                        step_ok = True
-                        if grad_layers is not None and accelerator.sync_gradients:
-                            # Before clipping, on the all-reduced gradients, divided by fp16's loss scale.
-                            next_step = p.global_step + 1
-                            if next_step % log_every == 0:
-                                grad_log = gradient_norms(grad_layers, gradient_scale(accelerator))
-                            if next_step % lg.histograms_every_n_steps == 0:
-                                log_rich(accelerator, gradient_histograms(grad_layers, gradient_scale(accelerator)), step=next_step)
-                        if accelerator.sync_gradients and (cfg.training.max_grad_norm or cfg.training.on_nonfinite == "skip_step"):
-                            # Gradients are already all-reduced here, so every process sees the same norm
-                            # and skips the same steps. skip_step reads it every step (like fp16's GradScaler).
-                            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm or math.inf)
-                            step_ok = cfg.training.on_nonfinite != "skip_step" or bool(torch.isfinite(norm))
-                        if step_ok:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    if step_ok:
-                        sums.add(loss, pred, y)
-                    else:
-                        skipped_steps += 1
-                    p.batches_done += 1
-                    bar.update(1)
-                    if not accelerator.sync_gradients:
-                        continue
-                    p.global_step += 1
-                    lr_used = [g["lr"] for g in optimizer.param_groups]  # this step's, before the schedule moves on
-                    if step_per_batch and not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                    stop_reason = None
-                    if p.global_step % log_every == 0:
-                        # One collective for the log line, the stop flags and the finiteness check.
-                        loss_sum, stop, time_up, bad = agree(accelerator, [loss.detach(), signals.received is not None, time_limit.nearly_up(), ~torch.isfinite(sums.tensor()).all()])
-                        step_log = {"train/loss_step": loss_sum / accelerator.num_processes, **lr_values(optimizer, lr_used)}
-                        if grad_layers is not None:
-                            step_log.update(grad_log)
-                        accelerator.log(step_log, step=p.global_step)
-                        bar.set_postfix(loss=f"{loss_sum / accelerator.num_processes:.4f}")
-                        if bad and cfg.training.on_nonfinite == "stop":
-                            raise NonFiniteLoss(f"non-finite training loss in epoch {epoch} by step {p.global_step}; stopping (best.safetensors untouched)")
-                        stop_reason = "signal" if stop else "max_time" if time_up else None
-                    elif accelerator.num_processes == 1:
-                        stop_reason = "signal" if signals.received else "max_time" if time_limit.nearly_up() else None
-                    if stop_reason:
-                        save_state(epoch_done=False, sums=sums.tensor())
-                        raise announce_stop(accelerator, stop_message(stop_reason, signals.received, cfg, run_dir, p))
-                    if ck.every_n_steps and p.global_step % ck.every_n_steps == 0 and p.batches_done < len(train_loader):
-                        with clock.paused():
-                            save_state(epoch_done=False, sums=sums.tensor())
-                bar.close()
-                sums = accelerator.reduce(sums.tensor(), "sum")
-                epoch_time = time.perf_counter() - t0
-
-                # --- Validate over the whole val set, exactly once --------------------------------
-                val = evaluate(accelerator, model, val_loader, eval_loss, data.target_std, memory_format, keep=lg.log_predictions)
-                n_train = max(sums[2].item(), 1.0)
-                metrics = {
-                    "train/loss": sums[0].item() / n_train,
-                    "train/rmse": math.sqrt(sums[1].item() / n_train) * data.target_std,
-                    **{f"val/{k}": v for k, v in val.items() if k not in ("n", "pred", "y")},
-                    **lr_values(optimizer, lr_used),
-                    "epoch": epoch,
-                    "epoch_time_s": epoch_time,
-                    "samples_per_s": n_train / epoch_time,
-                }
-                if skipped_steps:
-                    metrics["train/skipped_steps"] = skipped_steps
-                value = metrics[es.monitor]
-                improved = math.isfinite(value) and (p.best_epoch == 0 or sign * (p.best_value - value) > es.min_delta)
-                if improved:
-                    p.best_value, p.best_epoch, p.bad_epochs = value, epoch, 0
-                    meta = checkpoint_metadata(
-                        model_cfg=cfg.model, epoch=epoch, global_step=p.global_step, monitor=es.monitor, value=value,
-                        target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
-                        pixel_std=data.pixel_std, image_size=cfg.data.image_size,
-                    )
-                    with clock.paused():
-                        save_best_checkpoint(accelerator, model, best_path, meta, log_artifact=cfg.logging.wandb.log_model)
-                else:
-                    p.bad_epochs += 1
-                if p.best_epoch:
-                    metrics["best/" + es.monitor.split("/")[1]] = p.best_value
-                if es.enabled:
-                    p.stopped_early = p.bad_epochs >= es.patience
-                    metrics["early_stopping/bad_epochs"] = p.bad_epochs
-                    metrics["early_stopping/patience_left"] = es.patience - p.bad_epochs
-                p.finished = p.stopped_early or epoch == cfg.training.epochs
-                accelerator.log(metrics, step=p.global_step)
-                if lg.log_predictions and (epoch % lg.predictions_every_n_epochs == 0 or p.finished) and accelerator.is_main_process:
-                    log_rich(accelerator, prediction_values("val", data.val, val["pred"], val["y"], data.target_mean, data.target_std, val_sample, WORST_ROWS), step=p.global_step)
-                log_system_metrics(accelerator, system, step=p.global_step)
-                say_epoch = tqdm.write if accelerator.is_main_process else (lambda *a: None)
-                say_epoch(epoch_block(epoch, cfg.training.epochs, metrics, improved, es if es.enabled else None, p))
-                if scheduler is not None and not step_per_batch:
-                    # Every process computed the same gathered value, so every process steps alike.
-                    scheduler.step(value) if cfg.training.scheduler.name == "plateau" else scheduler.step()
-                if p.stopped_early:
-                    reason = f"{es.monitor} did not improve by more than {es.min_delta} for {es.patience} epochs (best {p.best_value:.6f} at epoch {p.best_epoch})"
-                    say(f"Early stopping at epoch {epoch}: {reason}")
-                    accelerator.log({"early_stopping/stopped_epoch": epoch, "early_stopping/reason": reason}, step=p.global_step)
-                p.batches_done = 0
-                epoch_times.append(clock.wall())
-                epoch_cpu_times.append(clock.cpu())
-                # --- End of epoch: an agreement point for stopping, and a full state --------------
-                stop, time_up = agree(accelerator, [signals.received is not None, time_limit.nearly_up()])
-                stop_reason = "signal" if stop else "max_time" if (time_up and not p.finished) else None
-                if stop_reason or p.finished or (ck.every_n_epochs and epoch % ck.every_n_epochs == 0):
-                    save_state(epoch_done=True, sums=torch.zeros(3, device=accelerator.device))
-                if stop_reason:
-                    raise announce_stop(accelerator, stop_message(stop_reason, signals.received, cfg, run_dir, p))
-        train_time = time.perf_counter() - time_limit.start
-
-        # --- Test with the best weights -------------------------------------------------------------
-        accelerator.wait_for_everyone()
-        if p.best_epoch:
-            load_best_weights(accelerator, model, best_path)
-        else:
-            say(f"warning: {es.monitor} was never finite; testing the last weights")
-        test = evaluate(accelerator, model, test_loader, eval_loss, data.target_std, memory_format, keep=lg.log_predictions)
-        test_metrics = {f"test/{k}": v for k, v in test.items() if k not in ("n", "pred", "y")}
-        accelerator.log(test_metrics, step=p.global_step)
-        if lg.log_predictions and accelerator.is_main_process:
-            log_rich(accelerator, prediction_values("test", data.test, test["pred"], test["y"], data.target_mean, data.target_std, test_sample, WORST_ROWS), step=p.global_step)
-        base = baselines(data, num_workers=cfg.data.num_workers) if accelerator.is_main_process else {}
-        results = {
-            **test_metrics,
-            **base,
-            "test/rmse_over_mean_baseline": test["rmse"] / base["baseline/mean_rmse"] if base else None,
-            "test/rmse_over_colour_linear_baseline": test["rmse"] / base["baseline/colour_linear_rmse"] if base else None,
-            "best_epoch": p.best_epoch,
-            f"best/{es.monitor.split('/')[1]}": p.best_value if p.best_epoch else None,
-            "epochs_run": p.epoch,
-            "stopped_early": p.stopped_early,
-            "global_step": p.global_step,
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision,
-            "val_samples": int(val["n"]) if val else None,
-            "test_samples": int(test["n"]),
-            "skipped_rows": data.skipped_rows,
-            "train_time_s": train_time,
-            "epoch_times_s": epoch_times,
-            "epoch_cpu_times_s": epoch_cpu_times,
-            "run_dir": str(run_dir),
-        }
-        if accelerator.is_main_process:
-            atomic_write_bytes(run_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-            print_results(results)
-        summary = {k: v for k, v in results.items() if v is not None and k not in ("run_dir", "epoch_times_s", "epoch_cpu_times_s")}
-        if p.stopped_early:
-            summary["early_stopping/stopped_epoch"] = p.epoch
-        exit_code = 0
-        return results
-    except CleanExit as e:
-        exit_code = e.exit_code
-        raise
-    finally:
-        wait_durable()
-        finish_trackers(accelerator, exit_code, summary, preempted=exit_code == Stopped.exit_code, together=exit_code in (0, Stopped.exit_code))
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers
+# One epoch
 # --------------------------------------------------------------------------------------------------
 
-
-def resolve_mixed_precision(cfg: Config, use_cpu: bool) -> tuple[str, str | None]:
-    """Return ``(precision, note)``: the config's value wins over the launcher's (with a note when
-    they differ); fp16 on a CPU is refused (Accelerate would silently compute in fp32)."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    wanted = cfg.training.mixed_precision or launcher
-    note = None
-    if cfg.training.mixed_precision and launcher != "no" and launcher != wanted:
-        note = f"note: training.mixed_precision={wanted} overrides the launcher's mixed precision ({launcher})"
-    if wanted == "fp16" and use_cpu:
-        raise UserError(
-            "mixed precision fp16 needs a CUDA GPU (on the CPU it would silently run in fp32); "
-            "use training.mixed_precision=bf16 or no"
-        )
-    return wanted, note
+_NO_ACCUMULATION = nullcontext()
 
 
-def set_num_threads(cfg: Config, use_cpu: bool) -> str:
-    """Intra-op CPU threads; returns the line that says how many and why.
+def run_epochs(run: Run) -> None:
+    """From the first epoch not done to the last, or until early stopping (or a stop) ends training."""
+    cfg = run.cfg
+    for epoch in range(run.first_epoch(), cfg.training.epochs + 1):
+        if run.progress.finished:
+            break
+        totals, train_seconds = train_epoch(run, epoch)
+        val = evaluate(run.accelerator, run.model, run.val_loader, run.eval_loss, run.data.target_std,
+                       run.memory_format, keep=cfg.logging.log_predictions)
+        close_epoch(run, epoch, totals, train_seconds, val)
 
-    `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which would leave all but one
-    core idle; by default each process gets its share of this machine's cores instead.
+
+def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
+    """One pass over the train loader (the rest of it after a mid-epoch resume).
+
+    Returns the epoch's ``[loss x n, squared error, n]`` summed over processes and the seconds spent
+    training (mid-epoch state writes included: ``epoch_time_s``). May raise ``Stopped`` (a state was
+    saved) or ``NonFiniteLoss``.
     """
-    if cfg.training.num_threads:
-        torch.set_num_threads(cfg.training.num_threads)
-        return f"CPU threads per process: {cfg.training.num_threads} (training.num_threads)"
-    if not use_cpu:
-        return f"CPU threads per process: {torch.get_num_threads()} (GPU run: the default)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, cores // local_processes))
-    return f"CPU threads per process: {torch.get_num_threads()} ({cores} cores / {local_processes} process(es) on this machine; set training.num_threads to change)"
+    acc, model, progress, cfg = run.accelerator, run.model, run.progress, run.cfg
+    model.train()
+    skip = progress.batches_done if (not progress.epoch_done and epoch == progress.epoch) else 0
+    loader = acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    loader.set_epoch(epoch)  # on the prepared loader: it passes the epoch to our sampler on every iteration
+    sums = EpochSums(acc.device, mse=cfg.training.loss == "mse", start=progress.train_sums if skip else None)
+    progress.epoch, progress.epoch_done, progress.batches_done = epoch, False, skip
+    t0, run.clock = time.perf_counter(), EpochClock()
+    show = acc.is_local_main_process and cfg.logging.progress_bar
+    bar = tqdm(total=len(run.train_loader), initial=skip, desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False,
+               disable=not show)
+    # accumulate() matters only with several micro-batches per optimizer step; its context
+    # manager alone costs ~7 us a step, which is measurable on small models (benchmarks/).
+    accumulating = cfg.training.gradient_accumulation_steps > 1
+    for x, y in loader:
+        if run.memory_format is not None:
+            x = x.contiguous(memory_format=run.memory_format)
+        with acc.accumulate(model) if accumulating else _NO_ACCUMULATION:
+            pred = model(x).float()
+            loss = run.loss_fn(pred, y)
+            acc.backward(loss)
+            step_ok = optimizer_step(run)
+        if step_ok:
+            sums.add(loss, pred, y)
+        else:
+            run.skipped_steps += 1
+        progress.batches_done += 1
+        bar.update(1)
+        if acc.sync_gradients:
+            after_optimizer_step(run, loss, sums, bar)
+    bar.close()
+    return acc.reduce(sums.tensor(), "sum"), time.perf_counter() - t0
 
 
-def check_compile_backend(cfg: Config) -> None:
-    if not cfg.training.compile:
-        return
-    import torch._dynamo
+def optimizer_step(run: Run) -> bool:
+    """Gradient logs, clipping and the optimizer step; False when ``skip_step`` skipped it."""
+    acc = run.accelerator
+    step_ok = True
+    if acc.sync_gradients:
+        if run.logs.grad_layers is not None:
+            run.logs.after_backward(run.progress.global_step + 1)
+        if run.clip_norm is not None:
+            # Gradients are already all-reduced here, so every process sees the same norm and
+            # skips the same steps. skip_step reads it every step (like fp16's GradScaler).
+            norm = acc.clip_grad_norm_(run.model.parameters(), run.clip_norm)
+            step_ok = run.cfg.training.on_nonfinite != "skip_step" or bool(torch.isfinite(norm))
+    if step_ok:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_ok
 
-    if cfg.training.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-        common = ", ".join([*torch._dynamo.list_backends(), "aot_eager", "eager"])  # not the testing-only ones
-        raise UserError(f"training.compile_backend={cfg.training.compile_backend!r} is not a torch.compile backend here; choose one of: {common}")
+
+def after_optimizer_step(run: Run, loss: torch.Tensor, sums: "EpochSums", bar) -> None:
+    """Count the step, move the schedule, log (every ``log_every_n_steps``), stop or save if due."""
+    progress, acc = run.progress, run.accelerator
+    progress.global_step += 1
+    run.lr_used = [g["lr"] for g in run.optimizer.param_groups]  # this step's, before the schedule moves on
+    if run.step_per_batch and not acc.optimizer_step_was_skipped:
+        run.scheduler.step()
+    reason = None
+    if progress.global_step % run.cfg.logging.log_every_n_steps == 0:
+        reason = log_step(run, loss, sums, bar)
+    elif acc.num_processes == 1:
+        reason = run.stop.each_step()
+    if reason:
+        state_dir = save_resumable_state(run, epoch_done=False, totals=sums.tensor())
+        raise run.stop.stopped(reason, progress.epoch, progress.global_step, state_dir)
+    every = run.cfg.checkpoint.every_n_steps
+    if every and progress.global_step % every == 0 and progress.batches_done < len(run.train_loader):
+        with run.clock.paused():
+            save_resumable_state(run, epoch_done=False, totals=sums.tensor())
 
 
-def enable_tf32(use_cpu: bool) -> str:
-    """TF32 tensor cores for fp32 matmuls and convolutions (CUDA, Ampere or newer)."""
-    if use_cpu:
-        return "note: training.tf32 has no effect on the CPU"
-    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is an error
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+def log_step(run: Run, loss: torch.Tensor, sums: "EpochSums", bar) -> str | None:
+    """``train/loss_step`` and the lr (and gradient norms); return the agreed stop reason."""
+    acc, progress = run.accelerator, run.progress
+    loss_sum, reason, nonfinite = run.stop.at_log_step(loss.detach(), ~torch.isfinite(sums.tensor()).all())
+    loss_mean = loss_sum / acc.num_processes
+    values = {"train/loss_step": loss_mean, **lr_values(run.optimizer, run.lr_used), **run.logs.step_values()}
+    acc.log(values, step=progress.global_step)
+    bar.set_postfix(loss=f"{loss_mean:.4f}")
+    if nonfinite and run.cfg.training.on_nonfinite == "stop":
+        raise NonFiniteLoss(f"non-finite training loss in epoch {progress.epoch} by step {progress.global_step}; "
+                            "stopping (best.safetensors untouched)")
+    return reason
+
+
+def save_resumable_state(run: Run, epoch_done: bool, totals: torch.Tensor) -> Path:
+    """A full state; refuses (``on_nonfinite: stop``) to write non-finite weights."""
+    progress = run.progress
+    if not all_finite(run.accelerator, run.model, totals) and run.cfg.training.on_nonfinite == "stop":
+        raise NonFiniteLoss(f"non-finite loss or weights in epoch {progress.epoch} by step {progress.global_step}; "
+                            "no state saved, best.safetensors untouched")
+    progress.epoch_done, progress.train_sums = epoch_done, [] if epoch_done else totals.tolist()
+    progress.scheduler = run.scheduler.state_dict() if run.scheduler is not None else None
+    progress.val_samples = run.val_samples
+    t0 = time.perf_counter()
+    state_dir = save_full_state(run.accelerator, run.run_dir, progress, run.cfg.checkpoint.keep_last)
+    run.stop.record_save(time.perf_counter() - t0)
+    return state_dir
+
+
+def close_epoch(run: Run, epoch: int, totals: torch.Tensor, train_seconds: float, val: dict) -> None:
+    """Metrics, best checkpoint, early stopping, logs and the console block; then the epoch-end
+    agreement: a full state when due, and the stop when one was asked for."""
+    cfg, acc, progress = run.cfg, run.accelerator, run.progress
+    metrics = epoch_metrics(run, epoch, totals, train_seconds, val)
+    improved = update_best(run, epoch, metrics)
+    progress.finished = progress.stopped_early or epoch == cfg.training.epochs
+    acc.log(metrics, step=progress.global_step)
+    run.logs.after_validation(val, epoch, progress.finished, progress.global_step)
+    es = cfg.training.early_stopping
+    run.say(epoch_block(epoch, cfg.training.epochs, metrics, improved, es.patience if es.enabled else None,
+                        progress.bad_epochs, progress.best_value, progress.best_epoch))
+    if run.scheduler is not None and not run.step_per_batch:
+        # Every process computed the same gathered value, so every process steps alike.
+        value = metrics[es.monitor]
+        run.scheduler.step(value) if cfg.training.scheduler.name == "plateau" else run.scheduler.step()
+    if progress.stopped_early:
+        reason = early_stop_reason(es.monitor, es.min_delta, es.patience, progress.best_value, progress.best_epoch)
+        run.say(f"Early stopping at epoch {epoch}: {reason}")
+        acc.log({"early_stopping/stopped_epoch": epoch, "early_stopping/reason": reason}, step=progress.global_step)
+    progress.batches_done = 0
+    run.epoch_seconds.append(run.clock.wall())
+    run.epoch_cpu_seconds.append(run.clock.cpu())
+    reason = run.stop.at_epoch_end(progress.finished)
+    every = cfg.checkpoint.every_n_epochs
+    state_dir = None
+    if reason or progress.finished or (every and epoch % every == 0):
+        state_dir = save_resumable_state(run, epoch_done=True, totals=torch.zeros(3, device=acc.device))
+    if reason:
+        raise run.stop.stopped(reason, progress.epoch, progress.global_step, state_dir)
+
+
+def epoch_metrics(run: Run, epoch: int, totals: torch.Tensor, train_seconds: float, val: dict) -> dict:
+    """What ``accelerator.log`` records at the end of an epoch (keys as in docs/CONFIG.md)."""
+    n_train = max(totals[2].item(), 1.0)
+    run.val_samples = int(val["n"])
+    metrics = {
+        "train/loss": totals[0].item() / n_train,
+        "train/rmse": math.sqrt(totals[1].item() / n_train) * run.data.target_std,
+        **{f"val/{k}": v for k, v in val.items() if k not in ("n", "pred", "y")},
+        **lr_values(run.optimizer, run.lr_used),
+        "epoch": epoch,
+        "epoch_time_s": train_seconds,  # training only (mid-epoch saves included); see results' epoch_times_s
+        "samples_per_s": n_train / train_seconds,
+    }
+    if run.skipped_steps:
+        metrics["train/skipped_steps"] = run.skipped_steps
+    return metrics
+
+
+def update_best(run: Run, epoch: int, metrics: dict) -> bool:
+    """Compare the monitored value with the best so far; save ``best.safetensors`` when it improved.
+    Adds ``best/<metric>`` and the early-stopping counters to ``metrics``."""
+    cfg, acc, progress, data = run.cfg, run.accelerator, run.progress, run.data
+    es = cfg.training.early_stopping
+    value = metrics[es.monitor]
+    sign = 1.0 if es.mode == "min" else -1.0
+    improved = math.isfinite(value) and (progress.best_epoch == 0 or sign * (progress.best_value - value) > es.min_delta)
+    if improved:
+        progress.best_value, progress.best_epoch, progress.bad_epochs = value, epoch, 0
+        meta = checkpoint_metadata(
+            model_cfg=cfg.model, epoch=epoch, global_step=progress.global_step, monitor=es.monitor, value=value,
+            target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
+            pixel_std=data.pixel_std, image_size=cfg.data.image_size,
+        )
+        with run.clock.paused():
+            run.best.save(acc, run.model, meta)
+            if cfg.logging.wandb.log_model:
+                log_model_artifact(acc, run.best.path, meta)
     else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return "TF32 allowed for fp32 matmuls and convolutions (used on Ampere or newer GPUs)"
+        progress.bad_epochs += 1
+    if progress.best_epoch:
+        metrics["best/" + es.monitor.split("/")[1]] = progress.best_value
+    if es.enabled:
+        progress.stopped_early = progress.bad_epochs >= es.patience
+        metrics["early_stopping/bad_epochs"] = progress.bad_epochs
+        metrics["early_stopping/patience_left"] = es.patience - progress.bad_epochs
+    return improved
 
 
-def make_run_dir(run_dir: Path, exist_ok: bool = False) -> None:
+# --------------------------------------------------------------------------------------------------
+# The end: test and results
+# --------------------------------------------------------------------------------------------------
+
+
+def test_and_report(run: Run) -> dict:
+    """Test with the best weights, log the test metrics, write ``results.json`` and print them."""
+    cfg, acc, progress = run.cfg, run.accelerator, run.progress
+    train_seconds = run.stop.elapsed()
+    acc.wait_for_everyone()
+    if progress.best_epoch:
+        run.best.load_into(acc, run.model)
+    else:
+        run.say(f"warning: {cfg.training.early_stopping.monitor} was never finite; testing the last weights")
+    test = evaluate(acc, run.model, run.test_loader, run.eval_loss, run.data.target_std, run.memory_format,
+                    keep=cfg.logging.log_predictions)
+    test_metrics = {f"test/{k}": v for k, v in test.items() if k not in ("n", "pred", "y")}
+    acc.log(test_metrics, step=progress.global_step)
+    run.logs.after_test(test, progress.global_step)
+    base = baselines(run.data, num_workers=cfg.data.num_workers) if acc.is_main_process else {}
+    results = {
+        **test_metrics,
+        **base,
+        "test/rmse_over_mean_baseline": test["rmse"] / base["baseline/mean_rmse"] if base else None,
+        "test/rmse_over_colour_linear_baseline": test["rmse"] / base["baseline/colour_linear_rmse"] if base else None,
+        "best_epoch": progress.best_epoch,
+        f"best/{cfg.training.early_stopping.monitor.split('/')[1]}": progress.best_value if progress.best_epoch else None,
+        "epochs_run": progress.epoch,
+        "stopped_early": progress.stopped_early,
+        "global_step": progress.global_step,
+        "num_processes": acc.num_processes,
+        "mixed_precision": acc.mixed_precision,
+        "val_samples": run.val_samples or None,
+        "test_samples": int(test["n"]),
+        "skipped_rows": run.data.skipped_rows,
+        "train_time_s": train_seconds,
+        "epoch_times_s": run.epoch_seconds,  # train + validation + logs per epoch, state writes excluded
+        "epoch_cpu_times_s": run.epoch_cpu_seconds,
+        "run_dir": str(run.run_dir),
+    }
+    if acc.is_main_process:
+        write_results(run.run_dir / "results.json", results)
+        print_results(results)
+    return results
+
+
+def write_results(path: Path, results: dict) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=exist_ok)
-        (run_dir / "checkpoints").mkdir(exist_ok=exist_ok)
-    except FileExistsError:
-        raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name") from None
+        atomic_write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
     except OSError as e:
-        raise UserError(f"cannot create run directory '{run_dir}': {e.strerror}; check experiment.output_dir") from None
+        raise UserError(f"could not write {path} ({e.strerror or e}); the best checkpoint and the states are "
+                        "intact: free disk space, then run the same command with --resume auto to test again") from None
 
 
-def config_yaml(cfg: Config) -> str:
-    """The resolved config; the header records where it came from and stays valid YAML for --config."""
-    info = run_info()
-    header = "".join(f"# {k}: {v}\n" for k, v in info.items())
-    return f"# Resolved config of run '{cfg.experiment.name}'. Re-run with: python train/main.py --config <this file> experiment.name=<new name>\n{header}{to_yaml(cfg)}"
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Two named parameter groups: weight decay on conv/linear weights, none on biases and norm
-    parameters (decaying those only pulls them to zero; nanoGPT and HF Trainer split the same way)."""
-    o = cfg.training.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Return ``(scheduler or None, steps_per_batch)``: cosine steps per optimizer step, step/plateau per epoch."""
-    s = cfg.training.scheduler
-    if s.name == "cosine":
-        # A function of the fraction of training done, so 1 and N processes (N times fewer steps
-        # per epoch each) see the same lr at the same point of training.
-        total = max(1, cfg.training.epochs * steps_per_epoch)
-        warmup = min(s.warmup_epochs / cfg.training.epochs, 1.0)
-
-        def factor(step: int) -> float:
-            done = step / total
-            if done < warmup:
-                return done / warmup
-            progress = min(1.0, (done - warmup) / (1.0 - warmup)) if warmup < 1.0 else 1.0
-            return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
-    if s.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_epochs, gamma=s.gamma), False
-    if s.name == "plateau":
-        mode = cfg.training.early_stopping.mode
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=s.plateau_factor, patience=s.plateau_patience), False
-    return None, False
-
-
-def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
-    """The configured loss on standardized targets; ``reduction="none"`` gives per-sample values."""
-    if cfg.training.loss == "huber":
-        return nn.HuberLoss(delta=cfg.training.huber_delta, reduction=reduction)
-    return nn.L1Loss(reduction=reduction) if cfg.training.loss == "l1" else nn.MSELoss(reduction=reduction)
-
-
-def lr_values(optimizer: torch.optim.Optimizer, lrs: list[float]) -> dict[str, float]:
-    """``lr`` (the first group's, shown on the console) and ``lr/<group name>`` for every group."""
-    return {"lr": lrs[0], **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))}}
+def tracker_summary(results: dict, progress: Progress) -> dict:
+    """W&B's run summary: the results without paths and per-epoch lists."""
+    summary = {k: v for k, v in results.items() if v is not None and k not in ("run_dir", "epoch_times_s",
+                                                                                "epoch_cpu_times_s")}
+    if progress.stopped_early:
+        summary["early_stopping/stopped_epoch"] = progress.epoch
+    return summary
 
 
 class EpochClock:
@@ -586,159 +500,3 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, per_sample, tar
     return out
 
 
-def save_best_checkpoint(accelerator: Accelerator, model: nn.Module, path: Path, meta: dict[str, str], log_artifact: bool) -> None:
-    # get_state_dict must run on every process (it gathers under FSDP/DeepSpeed); only main writes.
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        save_best(state_dict, path, meta)
-        if log_artifact:
-            log_model_artifact(accelerator, path, meta)
-    accelerator.wait_for_everyone()
-
-
-def save_full_state(accelerator: Accelerator, run_dir: Path, progress: Progress, keep_last: int) -> None:
-    """``save_state`` into a temporary directory, seal it with progress + manifest, rename, prune.
-
-    Every process takes part (each writes its own RNG state); only the main process seals it.
-    """
-    final = state_root(run_dir) / state_name(progress.global_step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_progress_and_manifest(tmp, progress)
-            publish(tmp, final)
-            prune(run_dir, keep_last)
-    except OSError as e:
-        # The previous states are untouched: only the temporary directory was being written.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write the state {final} ({e.strerror or e}); the previous states are intact. Free disk space or check permissions, then resume with --resume auto") from None
-    accelerator.wait_for_everyone()
-
-
-def set_aside_newer_states(run_dir: Path, step: int) -> None:
-    """Resuming from an older state abandons the newer ones: rename them (never delete) so that a
-    later ``--resume auto`` does not jump back onto the abandoned branch."""
-    for newer in list_states(run_dir):
-        if int(newer.name.split("_")[1]) > step:
-            newer.rename(newer.with_name(f"abandoned-{newer.name}"))
-
-
-def restore_state(accelerator: Accelerator, model: nn.Module, scheduler, state_dir: Path, progress: Progress) -> None:
-    """Load a verified state: weights (checked against the configured model first), optimizer, RNGs."""
-    check_tensors_match(accelerator.unwrap_model(model), read_checkpoint_tensors(state_dir / "model.safetensors"), f"--resume {state_dir}")
-    try:
-        accelerator.load_state(str(state_dir))
-    except ValueError as e:  # e.g. a state from a version whose optimizer had other parameter groups
-        raise UserError(f"--resume {state_dir}: the saved optimizer state does not fit this optimizer ({e}); start a new run, warm-started with model.init_from={state_dir / 'model.safetensors'}") from None
-    if scheduler is not None and progress.scheduler:
-        scheduler.load_state_dict(progress.scheduler)
-
-
-def read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises several types for a bad file
-        raise UserError(f"'{path}' is not a readable safetensors file ({e})") from None
-
-
-def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """UserError naming every tensor that is missing, unexpected or of another shape."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    problems = [f"{k}: missing" for k in expected if k not in got]
-    problems += [f"{k}: not in the configured model" for k in got if k not in expected]
-    problems += [f"{k}: shape {got[k]} vs {expected[k]} in the configured model" for k in expected if k in got and got[k] != expected[k]]
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise UserError(f"{what}: the checkpoint does not fit the configured model ({len(problems)} tensors differ: {shown}); check the model section")
-
-
-def load_weights_strict(model: nn.Module, path: str, what: str) -> None:
-    """Warm start: weights only, from a best.safetensors or any state's model.safetensors."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what}: '{p}' not found")
-    tensors = read_checkpoint_tensors(p)
-    check_tensors_match(model, tensors, f"{what} '{p}'")
-    model.load_state_dict(tensors)
-
-
-def all_finite(accelerator: Accelerator, model: nn.Module, sums: torch.Tensor) -> bool:
-    """True when the epoch's loss sums and every weight are finite on every process."""
-    local = torch.isfinite(sums).all() & torch.stack([torch.isfinite(t).all() for t in model.parameters()]).all()
-    return agree(accelerator, [~local])[0] == 0
-
-
-def announce_stop(accelerator: Accelerator, lines: list[str]) -> Stopped:
-    """Print the stop lines once (main process) before any process exits: torchrun ends the other
-    workers as soon as one exits non-zero, which could otherwise swallow them."""
-    if accelerator.is_main_process:
-        print("\n".join(lines), file=sys.stderr, flush=True)
-    accelerator.wait_for_everyone()
-    stop = Stopped(lines)
-    stop.printed = True
-    return stop
-
-
-def stop_message(reason: str, signal_name: str | None, cfg: Config, run_dir: Path, p: Progress) -> list[str]:
-    why = f"{signal_name or 'a signal to another process'} received" if reason == "signal" else f"training.max_time ({cfg.training.max_time}) nearly reached"
-    launcher = "accelerate launch [same launcher options]" if "LOCAL_RANK" in os.environ else "python"
-    kept, skip_next = [], False
-    for a in sys.argv[1:]:
-        if skip_next:
-            skip_next = False
-        elif a == "--resume":
-            skip_next = True
-        elif not a.startswith(("--resume=", "experiment.name=")):
-            kept.append(a)
-    args = " ".join(shlex.quote(a) for a in kept)
-    return [
-        f"Stopped: {why}; full state saved at epoch {p.epoch}, step {p.global_step} in {state_root(run_dir) / state_name(p.global_step)}",
-        f"Resume with: {launcher} train/main.py {args} experiment.name={cfg.experiment.name} --resume auto",
-    ]
-
-
-def load_best_weights(accelerator: Accelerator, model: nn.Module, path: Path) -> None:
-    """Load ``best.safetensors`` into the model on every process (read on main, then broadcast)."""
-    if getattr(accelerator, "is_fsdp2", False):
-        # Sharded parameters: let torch scatter the full state dict from rank 0 (not run on a GPU
-        # here yet; see docs/DISTRIBUTED.md).
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        full = read_checkpoint(path)[0] if accelerator.is_main_process else {}
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        return
-    payload = [read_checkpoint(path)[0] if accelerator.is_main_process else None]
-    state_dict = broadcast_object_list(payload)[0] if accelerator.num_processes > 1 else payload[0]
-    accelerator.unwrap_model(model).load_state_dict(state_dict)
-
-
-def epoch_block(epoch: int, epochs: int, m: dict, improved: bool, es=None, p: Progress | None = None) -> str:
-    """The original design's per-epoch console block, plus the early-stopping count when it moves."""
-    star = "  (best so far, saved)" if improved else ""
-    block = (
-        f"\nEpoch [{epoch}/{epochs}] Results:{star}\n"
-        f"  Train Loss: {m['train/loss']:.6f}  |  Train RMSE: {m['train/rmse']:.6f}\n"
-        f"  Val Loss:   {m['val/loss']:.6f}  |  Val RMSE:   {m['val/rmse']:.6f}\n"
-        f"  Learning Rate: {m['lr']:.2e}"
-    )
-    if es is not None and p is not None and p.bad_epochs:
-        block += f"\n  Early stopping: no improvement for {p.bad_epochs}/{es.patience} epochs (best {p.best_value:.6f} at epoch {p.best_epoch})"
-    return block
-
-
-def print_results(r: dict) -> None:
-    print(
-        f"\nTest results (best weights from epoch {r['best_epoch']}, {r['test_samples']} images):\n"
-        f"  Test Loss: {r['test/loss']:.6f}  |  Test RMSE: {r['test/rmse']:.3f} years  |  Test MAE: {r['test/mae']:.3f} years\n"
-        f"  Baseline RMSE, predict the train mean:       {r['baseline/mean_rmse']:.3f} years (CNN/baseline = {r['test/rmse_over_mean_baseline']:.2f})\n"
-        f"  Baseline RMSE, linear on colour mean/std:    {r['baseline/colour_linear_rmse']:.3f} years (CNN/baseline = {r['test/rmse_over_colour_linear_baseline']:.2f})\n"
-        f"  Results: {Path(r['run_dir']) / 'results.json'}"
-    )

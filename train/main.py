@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.config import load_config, to_yaml  # noqa: E402
-from train.errors import CleanExit  # noqa: E402
+from train.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,10 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resume", metavar="auto|PATH",
         help="auto: continue <output_dir>/<experiment.name> from its newest complete state, or start it fresh if "
-        "there is none; PATH: a run directory or one of its checkpoints/state/step_* directories",
+        "it does not exist yet; PATH: a run directory or one of its checkpoints/state/step_* directories. "
+        "A finished run is left as it is",
+    )
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="the run directory exists: move it aside to <name>.set-aside-<time> (never deleted) and start again",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.optimizer.lr=1e-3")
-    args, unknown = parser.parse_known_args(argv)
+    # Options and overrides may come in any order (`--resume auto training.epochs=3` too).
+    args, unknown = parser.parse_known_intermixed_args(argv)
     # W&B sweep agents may pass --key=value (its ${args}); accept those as overrides too.
     for item in unknown:
         if not (item.startswith("--") and "=" in item):
@@ -51,22 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         from train.loop import train  # heavy imports (torch, accelerate) only when training
 
-        train(cfg, resume=args.resume)
-    except CleanExit as e:
-        # Errors may differ between processes, so each prints its own; a deliberate stop was
-        # already told once by the main process.
-        if not getattr(e, "printed", False):
-            for line in e.lines:
-                print(f"{e.prefix}{line}", file=sys.stderr)
-        return e.exit_code
-    return 0
+        train(cfg, resume=args.resume, restart=args.restart)
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ input directory), ``predicted_year`` (decimal year), ``calendar_year`` (its floo
 
 Images are decoded exactly as in training (``train.data.decode_image``), so the pixels, and hence
 the predictions, match what the trainer evaluated. Exit codes: 0 done, 2 bad input (one ``error:``
-line: missing or foreign checkpoint, unreadable images, bad CSV rows).
+line: missing or foreign checkpoint, checkpoint metadata that does not validate, unreadable images,
+bad CSV rows or a CSV that is not UTF-8).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from train.checkpoints import load_model, predict_years  # noqa: E402
-from train.errors import UserError  # noqa: E402
-from train.data import IMAGE_EXTENSIONS, bad_row_lines, decode_all, read_manifest_rows  # noqa: E402
+from train.checkpoints import CheckpointMeta, build_from_checkpoint  # noqa: E402
+from train.data import IMAGE_EXTENSIONS, bad_row_lines, csv_header, decode_all, read_manifest_rows  # noqa: E402
+from train.errors import UserError, run_cli  # noqa: E402
+from train.fsutil import atomic_file  # noqa: E402
+from train.metrics import year_errors  # noqa: E402
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -66,23 +69,25 @@ def list_inputs(input_path: str | Path, path_column: str = "path", date_column: 
         raise UserError(f"input '{p}' not found (an image directory or a CSV file)")
     if p.suffix.lower() != ".csv":
         raise UserError(f"input '{p}' is neither a directory nor a .csv file")
-    with p.open(newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), [])
-    has_dates = date_column in header
+    has_dates = date_column in csv_header(p)
     rows = read_manifest_rows(p, Path(image_root) if image_root else None, path_column, date_column if has_dates else None)
     if rows.problems:
         first = bad_row_lines(p, rows.problems, "")[0]
         raise UserError(f"{len(rows.problems)} bad row(s) in '{p}'; first: {first}")
     if not rows.paths:
         raise UserError(f"'{p}' lists no images")
-    with p.open(newline="", encoding="utf-8-sig") as f:
-        texts = {i: (r.get(path_column) or "").strip() for i, r in enumerate(csv.DictReader(f), start=2)}
-    names = [texts[r] for r in rows.row_numbers]
-    return names, rows.paths, np.asarray(rows.years, dtype=np.float64) if has_dates else None
+    return rows.texts, rows.paths, np.asarray(rows.years, dtype=np.float64) if has_dates else None
 
 
-def _years(model: torch.nn.Module, metadata: dict[str, str], images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return predict_years(model, metadata, images.to(device, non_blocking=True))
+def predict_years(model: torch.nn.Module, meta: CheckpointMeta, images_uint8: torch.Tensor) -> torch.Tensor:
+    """Dates in decimal years for a batch of uint8 ``[B, 3, H, W]`` images (already resized), on the
+    model's device; normalized with the checkpoint's pixel statistics as in training."""
+    mean = torch.tensor(meta.pixel_mean, device=images_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(meta.pixel_std, device=images_uint8.device).view(1, 3, 1, 1)
+    x = (images_uint8.float() / 255.0 - mean) / std
+    with torch.no_grad():
+        out = model(x).double()
+    return out.cpu() * meta.target_std + meta.target_mean
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,40 +105,26 @@ def predict(checkpoint: str | Path, input_path: str | Path, batch_size: int = 64
     """
     ckpt = find_checkpoint(checkpoint)
     names, files, true = list_inputs(input_path, path_column, date_column, image_root)
-    try:
-        model, metadata = load_model(ckpt)
-        size = int(metadata["image_size"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"checkpoint '{ckpt}' has incomplete or inconsistent metadata ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model, meta = build_from_checkpoint(ckpt)
     dev = resolve_device(device)
     model.to(dev)
     predicted = np.full(len(files), np.nan)
     errors: dict[int, str] = {}
-    for idx, imgs, errs in decode_all(files, size, num_workers, "Predicting", progress, batch_size=batch_size):
+    for idx, imgs, errs in decode_all(files, meta.image_size, num_workers, "Predicting", progress, batch_size=batch_size):
         if idx:
-            predicted[idx] = _years(model, metadata, imgs, dev).view(-1).numpy()
+            predicted[idx] = predict_years(model, meta, imgs.to(dev, non_blocking=True)).view(-1).numpy()
         errors.update(errs)
     if errors:
         first = min(errors)
         raise UserError(f"{len(errors)} of {len(files)} image(s) cannot be read; first: {errors[first]}")
-    metrics = evaluate(predicted, true) if true is not None else {}
+    metrics = year_errors(true, predicted) if true is not None else {}
     return {"names": names, "predicted": predicted, "true": true, "metrics": metrics}
-
-
-def evaluate(predicted: np.ndarray, true: np.ndarray) -> dict:
-    """RMSE and MAE in years, overall and per decade of the true date."""
-    err = predicted - true
-    decades = {}
-    for d in sorted(set(int(math.floor(y / 10) * 10) for y in true)):
-        sel = np.floor(true / 10) * 10 == d
-        decades[d] = {"n": int(sel.sum()), "rmse": float(np.sqrt(np.mean(err[sel] ** 2))), "mae": float(np.mean(np.abs(err[sel])))}
-    return {"n": len(err), "rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err))), "by_decade": decades}
 
 
 def write_csv(path: str | Path, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "predicted_year", "calendar_year"] + (["true_year"] if result["true"] is not None else []))
         for i, (name, y) in enumerate(zip(result["names"], result["predicted"])):
@@ -168,20 +159,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         result = predict(args.checkpoint, args.input, args.batch_size, args.device, args.num_workers,
                          args.path_column, args.date_column, args.image_root, progress=not args.no_progress)
         write_csv(args.output, result)
-    except UserError as e:
-        print(f"error: {' '.join(e.lines)}", file=sys.stderr)  # one line, whatever went wrong
-        return 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"Wrote {len(result['names'])} predictions to {args.output}")
-    if result["metrics"]:
-        print(format_metrics(result["metrics"]))
-    return 0
+        print(f"Wrote {len(result['names'])} predictions to {args.output}")
+        if result["metrics"]:
+            print(format_metrics(result["metrics"]))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

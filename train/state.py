@@ -15,6 +15,12 @@ A state directory ``<run_dir>/checkpoints/state/step_0000123/`` holds
 
 The directory is written under a temporary name and renamed when complete, so a reader never sees a
 half-written state under a ``step_*`` name.
+
+``plan_run`` decides, before anything is written, which run this is: a new one, or which verified
+state of which run directory it continues. Every refusal about the run directory happens there:
+a directory that exists, a resume path that is not a run, a run locked by another trainer, a run
+whose results would be overwritten, a finished run (a no-op), a mid-epoch state saved with another
+process count. ``check_state_fits`` refuses a state that does not fit the built model and optimizer.
 """
 
 from __future__ import annotations
@@ -24,12 +30,22 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from train.checkpoints import atomic_write_bytes
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
+from torch import nn
+
+from train.checkpoints import check_tensors_match, read_safetensors
+from train.config import Config, to_yaml
 from train.errors import UserError
+from train.fsutil import RunLock, atomic_write_bytes, fsync_dir
+from train.runinfo import new_run_name, run_info
 
 STATE_FORMAT = "mok-date-state/1"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -54,6 +70,7 @@ class Progress:
     train_sums: list[float] = field(default_factory=list)  # partial epoch sums, for mid-epoch saves
     model_config: dict[str, Any] = field(default_factory=dict)
     num_processes: int = 1
+    val_samples: int = 0  # images in the last validation pass (results.json reports it after a resume)
     format: str = STATE_FORMAT
 
 
@@ -86,11 +103,7 @@ def publish(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():  # the same step saved twice (an epoch end that is also an every_n_steps step)
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
-    fd = os.open(final_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final_dir.parent)
 
 
 def verify(state_dir: Path) -> str | None:
@@ -100,11 +113,18 @@ def verify(state_dir: Path) -> str | None:
         return f"{manifest_path} is missing (the save did not complete)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"{manifest_path} is unreadable ({e})"
-    if manifest.get("format") != STATE_FORMAT:
-        return f"{manifest_path} is not a state of this trainer (format {manifest.get('format')!r})"
-    for name, entry in manifest.get("files", {}).items():
+    if not isinstance(manifest, dict) or manifest.get("format") != STATE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        return f"{manifest_path} is not a state of this trainer (format {found!r})"
+    files = manifest.get("files")
+    well_formed = isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str) for e in files.values()
+    )
+    if not well_formed:
+        return f"{manifest_path} is malformed (no mapping of files to size and sha256)"
+    for name, entry in files.items():
         p = state_dir / name
         if not p.is_file():
             return f"{p} is missing"
@@ -112,13 +132,19 @@ def verify(state_dir: Path) -> str | None:
             return f"{p} has {p.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)"
         if _sha256(p) != entry["sha256"]:
             return f"{p} does not match its sha256 in the manifest (corrupt)"
-    if "progress.json" not in manifest.get("files", {}):
+    if "progress.json" not in files:
         return f"{state_dir} has no progress.json"
+    try:
+        read_progress(state_dir)
+    except (ValueError, TypeError) as e:
+        return f"{state_dir / 'progress.json'} does not describe a run position ({e})"
     return None
 
 
 def read_progress(state_dir: Path) -> Progress:
     data = json.loads((state_dir / "progress.json").read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"a mapping was expected, got {type(data).__name__}")
     return Progress(**data)
 
 
@@ -148,29 +174,279 @@ def prune(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume(resume: str, output_dir: str, name: str | None, warn=print) -> tuple[Path | None, Path]:
-    """Return ``(state_dir or None, run_dir)`` for ``--resume auto`` or ``--resume PATH``.
-
-    ``auto``: the newest complete state of ``<output_dir>/<name>``; none -> ``(None, run_dir)``, a
-    fresh start in that directory. ``PATH``: a state directory, or a run directory (its newest
-    complete state). Problems the user can fix raise ``UserError``.
-    """
+def locate_resume(resume: str, output_dir: str, name: str | None) -> tuple[Path, Path | None]:
+    """``(run directory, the state directory named by --resume or None)`` for ``auto`` or a path."""
     if resume == "auto":
         if not name:
             raise UserError("--resume auto needs experiment.name (the run to continue), e.g. experiment.name=my-run")
-        run_dir = Path(output_dir) / name
-        return newest_complete(run_dir, warn), run_dir
+        return Path(output_dir) / name, None
     path = Path(resume)
     if not path.exists():
         raise UserError(f"--resume: '{path}' not found (a run directory or a checkpoints/state/step_* directory)")
     if _STEP_DIR.match(path.name) or (path / "manifest.json").exists():
-        problem = verify(path)
-        if problem is not None:
-            raise UserError(f"--resume: {problem}")
-        return path, path.resolve().parent.parent.parent
+        return path.resolve().parent.parent.parent, path
     if (path / "checkpoints").is_dir():
-        state = newest_complete(path, warn)
-        if state is None:
-            raise UserError(f"--resume: '{path}' has no complete state under checkpoints/state/")
-        return state, path
+        return path, None
     raise UserError(f"--resume: '{path}' is neither a run directory nor a state directory of this trainer")
+
+
+@dataclass
+class RunPlan:
+    """Which run this is, decided before anything is written (see the module docstring).
+
+    ``resume_dir``/``progress``: the verified state to continue and its position (None: a new run).
+    ``existing``: the run directory already exists (a resume, or a fresh start in a directory that
+    holds no state and no results). ``finished_results``: a finished run was resumed; its results,
+    and nothing to do. ``lock``: the run directory's lock, held by the main process only.
+    """
+
+    run_dir: Path
+    name: str
+    resume_dir: Path | None = None
+    progress: Progress | None = None
+    existing: bool = False
+    finished_results: dict | None = None
+    lock: RunLock | None = None
+
+    def __enter__(self) -> "RunPlan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def main_decides(processes, decide: Callable[[], Any]) -> Any:
+    """Run ``decide`` on the main process only and give its result, or its ``UserError``, to every
+    process: the others would otherwise wait forever at the next collective for a main process
+    that has exited. The error lines are printed by the main process alone."""
+    outcome: list[Any] = [None]
+    if processes.is_main_process:
+        try:
+            outcome = [("ok", decide())]
+        except UserError as e:
+            outcome = [("error", e.lines)]
+    if processes.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value, printed=not processes.is_main_process)
+    return value
+
+
+def plan_run(cfg: Config, processes, resume: str | None, restart: bool, say: Callable[[str], None]) -> RunPlan:
+    """Decide the run (main process), lock its directory when it exists, and share the plan."""
+    if resume and restart:
+        raise UserError("--restart starts a run again from scratch and --resume continues it: pass one of them")
+    name = cfg.experiment.name or broadcast_object_list([new_run_name(cfg.model.name)])[0]
+    held: list[RunLock] = []
+    plan = main_decides(processes, lambda: _decide(cfg, name, resume, restart, processes.num_processes, say, held))
+    plan.lock = held[0] if held else None
+    return plan
+
+
+def _decide(cfg: Config, name: str, resume: str | None, restart: bool, num_processes: int, say,
+            held: list[RunLock]) -> RunPlan:
+    if not resume:
+        run_dir = Path(cfg.experiment.output_dir) / name
+        if run_dir.exists() and not restart:
+            raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name, continue it "
+                            "with --resume auto, or pass --restart to move it aside and start again")
+        if run_dir.exists():
+            say(f"Moved the existing run directory to {set_aside_run_dir(run_dir)} (--restart)")
+        return RunPlan(run_dir, name)
+    run_dir, named_state = locate_resume(resume, cfg.experiment.output_dir, cfg.experiment.name)
+    if not run_dir.exists():
+        say(f"No run directory '{run_dir}' yet: starting the run from scratch")
+        return RunPlan(run_dir, run_dir.name)
+    lock = RunLock(run_dir)
+    lock.acquire()  # before reading the states: a running trainer may be writing one
+    held.append(lock)
+    state_dir = _verified(named_state) if named_state else newest_complete(run_dir, say)
+    if state_dir is None:
+        _refuse_to_retrain(run_dir, resume)
+        say(f"No complete state in '{run_dir}': starting the run from scratch")
+        return RunPlan(run_dir, run_dir.name, existing=True)
+    progress = read_progress(state_dir)
+    if not progress.epoch_done and progress.num_processes != num_processes:
+        raise UserError(f"--resume: {state_dir} was saved mid-epoch with {progress.num_processes} processes; resume it "
+                        f"with {progress.num_processes} (the batches already seen are counted per process), or from "
+                        "an epoch-end state")
+    finished = finished_results(run_dir, progress, cfg)
+    say(f"Resuming run '{progress.run_name}' from {state_dir} (epoch {progress.epoch}, step {progress.global_step})"
+        if finished is None else f"Run '{progress.run_name}' is finished (epoch {progress.epoch}): nothing to do. "
+        f"Results: {run_dir / 'results.json'}")
+    return RunPlan(run_dir, run_dir.name, state_dir, progress, existing=True, finished_results=finished)
+
+
+def _verified(state_dir: Path) -> Path:
+    problem = verify(state_dir)
+    if problem is not None:
+        raise UserError(f"--resume: {problem}")
+    return state_dir
+
+
+def _refuse_to_retrain(run_dir: Path, resume: str) -> None:
+    """No state verifies. A directory that holds a run's results is never trained again in place."""
+    kept = [p for p in (run_dir / "results.json", run_dir / "checkpoints" / "best.safetensors") if p.exists()]
+    if kept:
+        raise UserError(
+            f"--resume: no state of '{run_dir}' verifies, and it holds results ({', '.join(p.name for p in kept)}) "
+            "that a fresh start would overwrite. Keep them: start a new run (another experiment.name, optionally "
+            f"model.init_from={run_dir / 'checkpoints' / 'best.safetensors'}), or pass --restart instead of --resume "
+            "to move this directory aside and start it again"
+        )
+    if resume != "auto":
+        raise UserError(f"--resume: '{run_dir}' has no complete state under checkpoints/state/")
+
+
+def finished_results(run_dir: Path, progress: Progress, cfg: Config) -> dict | None:
+    """The results of a finished run (resuming it is a no-op), else None (there is work to do).
+
+    A run that used up its epochs is not extended by a larger ``training.epochs``: its learning-rate
+    schedule was fitted to the old count, and continuing it would not be the run the config describes.
+    """
+    results_file = run_dir / "results.json"
+    if not (progress.finished and results_file.is_file()):
+        return None  # finished training but not the test (a crash or stop after the last epoch): test now
+    if cfg.training.epochs > progress.epoch and not progress.stopped_early:
+        raise UserError(
+            f"--resume: run '{progress.run_name}' finished its {progress.epoch} epochs; training.epochs="
+            f"{cfg.training.epochs} would continue a schedule fitted to {progress.epoch}. Train longer in a new run "
+            f"warm-started from it: experiment.name=<new name> model.init_from={run_dir / 'checkpoints' / 'best.safetensors'}"
+        )
+    try:
+        return json.loads(results_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{results_file} is unreadable ({e}); the run's states and best checkpoint are intact") from None
+
+
+def set_aside_run_dir(run_dir: Path) -> Path:
+    """``--restart``: rename the run directory to ``<name>.set-aside-<time>`` (never delete it),
+    after making sure no trainer is using it."""
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target, k = run_dir.with_name(f"{run_dir.name}.set-aside-{stamp}"), 1
+        while target.exists():
+            k += 1
+            target = run_dir.with_name(f"{run_dir.name}.set-aside-{stamp}-{k}")
+        os.replace(run_dir, target)
+    except OSError as e:
+        raise UserError(f"--restart: cannot move '{run_dir}' aside ({e.strerror}); nothing was changed") from None
+    finally:
+        lock.release()
+    return target
+
+
+def check_state_fits(plan: RunPlan, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before anything is written, a state whose tensors or optimizer groups differ from
+    what this config builds (``accelerator.load_state`` would fail only after the trackers started)."""
+    if plan.resume_dir is None:
+        return
+    tensors, _ = read_safetensors(plan.resume_dir / "model.safetensors")
+    check_tensors_match(model, tensors, f"--resume {plan.resume_dir}")
+    optimizer_file = plan.resume_dir / "optimizer.bin"
+    if not optimizer_file.is_file():  # sharded (FSDP) states keep the optimizer elsewhere
+        return
+    saved = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    saved_sizes = [len(g["params"]) for g in saved.get("param_groups", [])]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise UserError(
+            f"--resume {plan.resume_dir}: the saved optimizer state does not fit this optimizer (parameter groups "
+            f"of {saved_sizes} vs {sizes} tensors); start a new run, warm-started with "
+            f"model.init_from={plan.resume_dir / 'model.safetensors'}"
+        )
+
+
+def open_run_dir(plan: RunPlan, cfg: Config, processes) -> None:
+    """The first write of the run (main process): create and lock a new directory, write
+    ``config.yaml``, set aside states newer than the one resumed."""
+
+    def write() -> None:
+        run_dir = plan.run_dir
+        if not plan.existing:
+            try:
+                run_dir.mkdir(parents=True)
+            except FileExistsError:
+                raise UserError(f"run directory '{run_dir}' already exists; choose another experiment.name") from None
+            except OSError as e:
+                raise UserError(f"cannot create run directory '{run_dir}': {e.strerror}; check "
+                                "experiment.output_dir") from None
+            plan.lock = RunLock(run_dir)
+            plan.lock.acquire()
+        try:
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            if not (run_dir / "config.yaml").exists():
+                atomic_write_bytes(run_dir / "config.yaml", config_yaml(cfg).encode())
+            if plan.progress is not None:
+                set_aside_newer_states(run_dir, plan.progress.global_step)
+        except OSError as e:
+            raise UserError(f"cannot write in the run directory '{run_dir}' ({e.strerror}); free disk space or "
+                            "check permissions") from None
+
+    main_decides(processes, write)
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config; the header records where it came from and stays valid YAML for --config."""
+    header = "".join(f"# {k}: {v}\n" for k, v in run_info().items())
+    return (f"# Resolved config of run '{cfg.experiment.name}'. Re-run with: python train/main.py --config <this file> "
+            f"experiment.name=<new name>\n{header}{to_yaml(cfg)}")
+
+
+def set_aside_newer_states(run_dir: Path, step: int) -> None:
+    """Resuming from an older state abandons the newer ones: rename them (never delete) so that a
+    later ``--resume auto`` does not jump back onto the abandoned branch."""
+    for newer in list_states(run_dir):
+        if int(newer.name.split("_")[1]) > step:
+            newer.rename(newer.with_name(f"abandoned-{newer.name}"))
+
+
+def _is_write_error(e: Exception) -> bool:
+    # torch.save reports a full disk as RuntimeError("... PytorchStreamWriter failed writing file ...").
+    return isinstance(e, (OSError, SafetensorError)) or "writ" in str(e).lower()
+
+
+def save_full_state(accelerator: Accelerator, run_dir: Path, progress: Progress, keep_last: int) -> Path:
+    """``save_state`` into a temporary directory, seal it with progress + manifest, rename, prune.
+
+    Every process takes part (each writes its own RNG state); only the main process seals it. A
+    write that fails (a full or read-only disk) removes the temporary directory and raises a
+    ``UserError``: the previous states are untouched. Returns the state directory.
+    """
+    final = state_root(run_dir) / state_name(progress.global_step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    try:
+        if accelerator.is_main_process:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_progress_and_manifest(tmp, progress)
+            publish(tmp, final)
+            prune(run_dir, keep_last)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if not _is_write_error(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the state {final} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                        "the previous states are intact. Free disk space or check permissions, then resume with "
+                        "--resume auto") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def restore_state(accelerator: Accelerator, scheduler, plan: RunPlan) -> None:
+    """Load the planned state (already checked by ``check_state_fits``): weights, optimizer, RNGs, schedule."""
+    try:
+        accelerator.load_state(str(plan.resume_dir))
+    except ValueError as e:  # e.g. a state from a version whose optimizer had other parameter groups
+        raise UserError(f"--resume {plan.resume_dir}: the saved optimizer state does not fit this optimizer ({e}); "
+                        f"start a new run, warm-started with model.init_from={plan.resume_dir / 'model.safetensors'}"
+                        ) from None
+    if scheduler is not None and plan.progress.scheduler:
+        scheduler.load_state_dict(plan.progress.scheduler)

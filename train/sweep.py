@@ -50,7 +50,8 @@ if __package__ in (None, ""):
 from pydantic import BaseModel  # noqa: E402
 
 from train.config import Config, load_config, read_yaml_file  # noqa: E402
-from train.errors import ConfigError, UserError  # noqa: E402
+from train.errors import ConfigError, UserError, run_cli  # noqa: E402
+from train.fsutil import atomic_file, atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Keys the sweep itself sets for every trial; a sweep parameter must not fight over them.
@@ -232,14 +233,21 @@ def trial_command(spec: dict, params: dict, fixed: list[str], sweep_dir: Path, s
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_sweep_state(sweep_dir: Path, state: dict) -> None:
+    atomic_write_text(sweep_dir / "sweep_state.json", json.dumps(state, indent=2) + "\n")
 
 
-def save_state(sweep_dir: Path, state: dict) -> None:
-    _write_atomic(sweep_dir / "sweep_state.json", json.dumps(state, indent=2) + "\n")
+def read_sweep_state(state_file: Path) -> dict:
+    """The sweep's own record of its trials; a truncated or edited file is one line saying what to do."""
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("trials"), list) or "fingerprint" not in state:
+            raise ValueError("not a sweep state (no fingerprint and trials)")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{state_file} is unreadable ({e}); the trials' run directories next to it are intact. "
+                        "Move the file aside and run the same command to start the sweep's record anew (finished "
+                        "trials are found again by their results.json), or pass --name for a new sweep") from None
+    return state
 
 
 def metric_value(results: dict, metric: str) -> float | None:
@@ -274,18 +282,17 @@ def write_leaderboard(sweep_dir: Path, state: dict) -> list[dict]:
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank if r[metric] is not None else ""
     columns = ["rank", "trial", "status", metric, "test/rmse", "best_epoch", *keys, "run_dir", "best_checkpoint"]
-    with open(sweep_dir / "leaderboard.csv.tmp", "w", newline="") as f:
+    with atomic_file(sweep_dir / "leaderboard.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows({c: ("" if r[c] is None else r[c]) for c in columns} for r in rows)
-    os.replace(sweep_dir / "leaderboard.csv.tmp", sweep_dir / "leaderboard.csv")
 
     def cell(v):
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
     md = [f"# Sweep {state['name']}: {metric} ({goal})", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    _write_atomic(sweep_dir / "leaderboard.md", "\n".join(md) + "\n")
+    atomic_write_text(sweep_dir / "leaderboard.md", "\n".join(md) + "\n")
     return rows
 
 
@@ -345,7 +352,7 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
         sort_keys=True, default=str).encode()).hexdigest()[:16]
     state_file = sweep_dir / "sweep_state.json"
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = read_sweep_state(state_file)
         if state["fingerprint"] != fingerprint:
             raise UserError(
                 f"{sweep_dir} holds a different sweep (other parameters, seed or fixed overrides); "
@@ -362,7 +369,7 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
         trial = f"{sweep_name}-{i:03d}"
         if trial not in known:
             state["trials"].append({"name": trial, "params": params, "status": "pending", "returncode": None, "attempts": 0})
-    save_state(sweep_dir, state)
+    write_sweep_state(sweep_dir, state)
     (sweep_dir / "logs").mkdir(exist_ok=True)
     if spec["method"] == "bayes":
         print("note: method bayes needs the W&B sweep server; offline, its parameters are sampled at random")
@@ -382,7 +389,7 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
                 print(f"{t['name']}: moved the incomplete run directory to {move_aside(sweep_dir, run_dir)}")
             cmd = trial_command(spec, t["params"], fixed, sweep_dir, sweep_name, t["name"], launch_args)
             t.update(status="running", attempts=t["attempts"] + 1, command=shlex.join(cmd), started=time.time())
-            save_state(sweep_dir, state)
+            write_sweep_state(sweep_dir, state)
             shown = " ".join(f"{k}={agent_text(v)}" for k, v in t["params"].items())
             print(f"[{t['name']}] {shown}", flush=True)
             log = sweep_dir / "logs" / f"{t['name']}.log"
@@ -396,7 +403,7 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
                     raise
             ok = rc == 0 and (run_dir / "results.json").is_file()
             t.update(status="done" if ok else "failed", returncode=rc, finished=time.time())
-            save_state(sweep_dir, state)
+            write_sweep_state(sweep_dir, state)
             rows = write_leaderboard(sweep_dir, state)
             if ok:
                 value = next(r[state["metric"]] for r in rows if r["trial"] == t["name"])
@@ -407,14 +414,14 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
                 tail = [line for line in lines if line.startswith("error:")] or lines[-5:]
                 print(f"[{t['name']}] FAILED (exit {rc}); the sweep goes on. Log: {log}\n  " + "\n  ".join(tail))
     except (KeyboardInterrupt, _Interrupted):
-        save_state(sweep_dir, state)
+        write_sweep_state(sweep_dir, state)
         write_leaderboard(sweep_dir, state)
         print(f"\nInterrupted. Continue with the same command; state in {state_file}", file=sys.stderr)
         return 130
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-    save_state(sweep_dir, state)
+    write_sweep_state(sweep_dir, state)
     rows = write_leaderboard(sweep_dir, state)
     done = [t for t in state["trials"][: len(trials)] if t["status"] == "done"]
     print(f"\nSweep {sweep_name}: {len(done)} of {len(trials)} trials finished. Leaderboard: {sweep_dir / 'leaderboard.md'}")
@@ -440,20 +447,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.check:
-            spec = read_sweep(args.sweep_file, args.overrides)
-            print(f"{args.sweep_file}: valid")
-            if args.max_runs or spec["method"] == "grid":
-                for i, params in enumerate(make_trials(spec, args.max_runs, args.seed)):
-                    print(i, " ".join(f"{k}={agent_text(v)}" for k, v in params.items()))
-            return 0
-        return run_sweep(args.sweep_file, args.max_runs, args.seed, args.name, args.output_dir,
-                         args.overrides, shlex.split(args.launch_args), args.retry_failed)
-    except UserError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.check:
+        spec = read_sweep(args.sweep_file, args.overrides)
+        print(f"{args.sweep_file}: valid")
+        if args.max_runs or spec["method"] == "grid":
+            for i, params in enumerate(make_trials(spec, args.max_runs, args.seed)):
+                print(i, " ".join(f"{k}={agent_text(v)}" for k, v in params.items()))
+        return 0
+    return run_sweep(args.sweep_file, args.max_runs, args.seed, args.name, args.output_dir,
+                     args.overrides, shlex.split(args.launch_args), args.retry_failed)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,75 @@
 """Experiment tracking through Accelerate's tracker API: TensorBoard (on by default) and W&B (opt-in).
 
-Trackers live on the main process only. ``start_trackers`` builds the ``log_with`` list from the
-config, checks W&B before any training step (installed? credentials for online mode?), and calls
-``accelerator.init_trackers`` with the flattened config. ``finish_trackers`` closes them on every exit
-path and gives W&B the real exit code: ``accelerator.end_training()`` alone marks a crashed run as
-``finished`` with exit code 0.
+Trackers live on the main process only. ``Tracking`` opens the Accelerator with its trackers and
+closes them on every exit path with the run's real outcome: ``accelerator.end_training()`` alone
+marks a crashed run as ``finished`` with exit code 0. ``check_wandb`` runs before anything is
+written (installed? credentials for online mode?).
+
+Rich values (histograms, tables, text) do not fit ``accelerator.log``'s one-dict-for-every-tracker
+model, so ``log_rich`` hands each tracker what it understands, on the main process only.
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.utils import ProjectConfiguration
 
-from train.config import Config
-from train.errors import UserError
+from train.config import Config, flatten
+from train.errors import EXIT_FAILED, EXIT_STOPPED, UserError
+from train.redaction import redact, redact_text
+from train.runinfo import run_info
+
+
+@dataclass
+class Histogram:
+    """Counts over ``edges`` (len(counts) + 1) plus the moments TensorBoard stores with them."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+
+    @classmethod
+    def of(cls, values: torch.Tensor, bins: int = 64) -> "Histogram":
+        v = values.detach().flatten().float().cpu()
+        v = v[torch.isfinite(v)]
+        if v.numel() == 0:
+            v = torch.zeros(1)
+        lo, hi = v.min().item(), v.max().item()
+        if lo == hi:  # a constant tensor still gets a (narrow) bin
+            lo, hi = lo - 0.5, hi + 0.5
+        counts, edges = torch.histogram(v, bins=bins, range=(lo, hi))
+        d = v.double()
+        return cls(counts.numpy(), edges.numpy(), lo, hi, v.numel(), d.sum().item(), d.pow(2).sum().item())
+
+
+@dataclass
+class WandbTable:
+    """A W&B table; image columns hold HxWx3 uint8 arrays (turned into ``wandb.Image``)."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class Markdown:
+    """Text for TensorBoard's TEXT tab; trackers without a text view skip it."""
+
+    text: str
 
 
 class RunTensorBoard(GeneralTracker):
@@ -83,6 +132,19 @@ class RunTensorBoard(GeneralTracker):
         self.writer.flush()
 
     @on_main_process
+    def log_rich(self, values: dict[str, Any], step: int) -> None:
+        """Histograms, markdown and plain numbers; other values (W&B tables) are not for TensorBoard."""
+        for key, v in values.items():
+            if isinstance(v, Histogram):
+                self.writer.add_histogram_raw(key, v.min, v.max, v.num, v.sum, v.sum_squares, v.edges[1:].tolist(),
+                                              v.counts.tolist(), global_step=step)
+            elif isinstance(v, Markdown):
+                self.writer.add_text(key, v.text, global_step=step)
+            elif isinstance(v, (int, float)):
+                self.writer.add_scalar(key, v, global_step=step)
+        self.writer.flush()
+
+    @on_main_process
     def finish(self):
         if self.writer is None:
             return
@@ -129,7 +191,8 @@ def check_wandb(cfg: Config) -> None:
         )
 
 
-def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_config: dict[str, Any], run_id: str | None) -> None:
+def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_config: dict[str, Any],
+                   run_id: str | None) -> None:
     """Start TensorBoard/W&B on the main process with the resolved, flattened config."""
     w = cfg.logging.wandb
     if w.enabled and "WANDB_DATA_DIR" not in os.environ:
@@ -139,9 +202,10 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_co
     init_kwargs = {
         "wandb": {
             "entity": w.entity,
-            "name": w.run_name or cfg.experiment.name,
-            "tags": list(w.tags),
-            "group": w.group,
+            # Names, tags and groups are shown to anyone who sees the project: no secrets in them.
+            "name": redact_text(w.run_name or cfg.experiment.name),
+            "tags": [redact_text(t) for t in w.tags],
+            "group": redact_text(w.group) if w.group else None,
             "mode": wandb_mode(cfg),
             "dir": str(run_dir),
             "id": run_id,
@@ -172,19 +236,47 @@ def tracker_list(cfg: Config, run_dir: Path, purge_step: int | None = None) -> l
     return trackers
 
 
-def wandb_run_id(accelerator: Accelerator) -> str | None:
-    run = wandb_run(accelerator)
-    return run.id if run is not None else None
-
-
 def wandb_run(accelerator: Accelerator):
-    """The live W&B run on the main process, else None."""
+    """The live W&B run on the main process, else None (the one lookup of it)."""
     if not accelerator.is_main_process:
         return None
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             return tracker.run
     return None
+
+
+def wandb_run_id(accelerator: Accelerator) -> str | None:
+    run = wandb_run(accelerator)
+    return run.id if run is not None else None
+
+
+def tensorboard(accelerator: Accelerator) -> RunTensorBoard | None:
+    """The run's TensorBoard tracker on the main process, else None."""
+    return next((t for t in accelerator.trackers if isinstance(t, RunTensorBoard)), None)
+
+
+def log_rich(accelerator: Accelerator, values: dict[str, Any], step: int, wandb: bool = True) -> None:
+    """Log floats, ``Histogram``, ``WandbTable`` and ``Markdown`` values to every tracker that can show
+    them (main process; elsewhere there are no trackers). ``wandb=False``: TensorBoard only."""
+    tb = tensorboard(accelerator)
+    if tb is not None:
+        tb.log_rich(values, step)
+    run = wandb_run(accelerator) if wandb else None
+    if run is None:
+        return
+    import wandb as wb
+
+    out = {}
+    for key, v in values.items():
+        if isinstance(v, Histogram):
+            out[key] = wb.Histogram(np_histogram=(v.counts.tolist(), v.edges.tolist()))
+        elif isinstance(v, WandbTable):
+            rows = [[wb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in v.rows]
+            out[key] = wb.Table(columns=v.columns, data=rows)
+        elif isinstance(v, (int, float)):
+            out[key] = v
+    run.log(out, step=step)
 
 
 def log_model_artifact(accelerator: Accelerator, path: Path, metadata: dict[str, str]) -> None:
@@ -199,8 +291,8 @@ def log_model_artifact(accelerator: Accelerator, path: Path, metadata: dict[str,
     run.log_artifact(artifact, aliases=["best", "latest"])
 
 
-def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str, Any] | None = None, preempted: bool = False,
-                    together: bool = False) -> None:
+def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str, Any] | None = None,
+                    preempted: bool = False, together: bool = False) -> None:
     """Close every tracker; the W&B run ends ``finished`` (0) or ``failed`` (non-zero), marked
     preempting first when the run stopped to be resumed.
 
@@ -208,10 +300,14 @@ def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str,
     for each other before the process group is destroyed: a worker that tore down gloo while the main
     process was still closing the trackers occasionally aborted at exit ("terminate called without an
     active exception", SIGABRT) and failed the launch. Not done after an error, where another process
-    may be inside a different collective and a barrier could pair with it and hang."""
-    for tracker in accelerator.trackers:
-        if isinstance(tracker, RunTensorBoard):
-            tracker.exit_code = exit_code
+    may be inside a different collective and a barrier could pair with it and hang.
+
+    A tracker that cannot write any more (a full disk is often why the run is ending) gets a warning
+    line; it must not hide the run's own error behind a traceback.
+    """
+    tb = tensorboard(accelerator)
+    if tb is not None:
+        tb.exit_code = exit_code
     run = wandb_run(accelerator)
     if run is not None:
         if summary:
@@ -222,4 +318,43 @@ def finish_trackers(accelerator: Accelerator, exit_code: int, summary: dict[str,
         run.finish(exit_code=exit_code)
     if together and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
-    accelerator.end_training()
+    try:
+        accelerator.end_training()
+    except OSError as e:
+        print(f"warning: a tracker could not write its last records ({e.strerror or e})", file=sys.stderr)
+
+
+class Tracking:
+    """The Accelerator and its trackers, opened together and closed together on every exit path.
+
+    ``with Tracking(cfg, rt, plan) as tracking:`` gives ``tracking.accelerator``; the body sets
+    ``tracking.summary`` (W&B's run summary) once the results exist. On the way out the trackers
+    learn the outcome from the exception, if any: 0 finished, 3 preempted (a deliberate stop),
+    any other ``CleanExit`` its code, anything else 1.
+    """
+
+    def __init__(self, cfg: Config, rt, plan):
+        self.cfg, self.rt, self.plan = cfg, rt, plan
+        self.summary: dict[str, Any] = {}
+        self.accelerator: Accelerator | None = None
+
+    def __enter__(self) -> "Tracking":
+        cfg, plan = self.cfg, self.plan
+        # purge_step: TensorBoard hides events at or after the resumed step, so no step repeats.
+        purge_step = plan.progress.global_step + 1 if plan.progress else (0 if plan.existing else None)
+        self.accelerator = Accelerator(
+            cpu=self.rt.use_cpu,
+            mixed_precision=self.rt.mixed_precision,
+            gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+            log_with=tracker_list(cfg, plan.run_dir, purge_step=purge_step),
+            project_config=ProjectConfiguration(project_dir=str(plan.run_dir), logging_dir=str(plan.run_dir)),
+        )
+        flat_config = redact({**flatten(cfg.model_dump(mode="json")), **flatten(run_info(), "meta.")})
+        run_id = plan.progress.wandb_run_id if plan.progress else None
+        start_trackers(self.accelerator, cfg, plan.run_dir, flat_config, run_id=run_id)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        exit_code = 0 if exc is None else getattr(exc, "exit_code", EXIT_FAILED)
+        finish_trackers(self.accelerator, exit_code, self.summary, preempted=exit_code == EXIT_STOPPED,
+                        together=exit_code in (0, EXIT_STOPPED))

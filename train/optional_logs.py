@@ -1,4 +1,5 @@
-"""Optional logging, all off by default: each is a small function the training loop calls.
+"""Optional logging, all off by default: what each option logs, and ``OptionalLogs``, which the loop
+calls at fixed points (after backward, at each log step, after validation, after the test).
 
 - ``log_predictions``: predictions on the val split (and the test split at the end). W&B gets a table
   of a fixed sample of images (thumbnail, true year, predicted year, absolute error); both trackers
@@ -9,15 +10,11 @@
 - ``watch_model``: ``wandb.watch`` on the unwrapped model; parameters only when ``log_gradients``
   already histograms the gradients.
 - ``system_metrics``: process RSS, CPU % and CUDA memory into TensorBoard (W&B records its own).
-
-Rich values (histograms, tables, text) do not fit ``accelerator.log``'s one-dict-for-every-tracker
-model, so ``log_rich`` hands each tracker what it understands, on the main process only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,75 +24,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from train.config import Config
-
-
-@dataclass
-class Histogram:
-    """Counts over ``edges`` (len(counts) + 1) plus the moments TensorBoard stores with them."""
-
-    counts: np.ndarray
-    edges: np.ndarray
-    min: float
-    max: float
-    num: int
-    sum: float
-    sum_squares: float
-
-    @classmethod
-    def of(cls, values: torch.Tensor, bins: int = 64) -> "Histogram":
-        v = values.detach().flatten().float().cpu()
-        v = v[torch.isfinite(v)]
-        if v.numel() == 0:
-            v = torch.zeros(1)
-        lo, hi = v.min().item(), v.max().item()
-        if lo == hi:  # a constant tensor still gets a (narrow) bin
-            lo, hi = lo - 0.5, hi + 0.5
-        counts, edges = torch.histogram(v, bins=bins, range=(lo, hi))
-        d = v.double()
-        return cls(counts.numpy(), edges.numpy(), lo, hi, v.numel(), d.sum().item(), d.pow(2).sum().item())
-
-
-@dataclass
-class WandbTable:
-    """A W&B table; image columns hold HxWx3 uint8 arrays (turned into ``wandb.Image``)."""
-
-    columns: list[str]
-    rows: list[list[Any]]
-
-
-@dataclass
-class Markdown:
-    """Text for TensorBoard's TEXT tab; trackers without a text view skip it."""
-
-    text: str
-
-
-def log_rich(accelerator: Accelerator, values: dict[str, Any], step: int) -> None:
-    """Log floats, ``Histogram``, ``WandbTable`` and ``Markdown`` values to every tracker that can show them."""
-    for tracker in accelerator.trackers:  # empty on every process but the main one
-        if tracker.name == "tensorboard":
-            w = tracker.writer
-            for key, v in values.items():
-                if isinstance(v, Histogram):
-                    w.add_histogram_raw(key, v.min, v.max, v.num, v.sum, v.sum_squares, v.edges[1:].tolist(), v.counts.tolist(), global_step=step)
-                elif isinstance(v, Markdown):
-                    w.add_text(key, v.text, global_step=step)
-                elif isinstance(v, (int, float)):
-                    w.add_scalar(key, v, global_step=step)
-            w.flush()
-        elif tracker.name == "wandb":
-            import wandb
-
-            out = {}
-            for key, v in values.items():
-                if isinstance(v, Histogram):
-                    out[key] = wandb.Histogram(np_histogram=(v.counts.tolist(), v.edges.tolist()))
-                elif isinstance(v, WandbTable):
-                    rows = [[wandb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in v.rows]
-                    out[key] = wandb.Table(columns=v.columns, data=rows)
-                elif isinstance(v, (int, float)):
-                    out[key] = v
-            tracker.run.log(out, step=step)
+from train.metrics import by_decade
+from train.tracking import Histogram, Markdown, WandbTable, log_rich, wandb_run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,14 +50,11 @@ def prediction_values(split: str, dataset, pred: torch.Tensor, y: torch.Tensor, 
     guess = pred.double().numpy() * target_std + target_mean
     err = guess - true
     values: dict[str, Any] = {f"{split}/residual_years": Histogram.of(torch.from_numpy(err))}
-    decades = np.floor(true / 10) * 10
-    decade_rows = []
-    for d in np.unique(decades):
-        m = decades == d
-        rmse = float(np.sqrt(np.mean(err[m] ** 2)))
-        values[f"{split}/rmse_by_decade/{int(d)}s"] = rmse
-        decade_rows.append([f"{int(d)}s", int(m.sum()), rmse])
-    values[f"{split}/rmse_by_decade"] = WandbTable(["decade", "images", "rmse_years"], decade_rows)
+    decades = by_decade(true, guess)
+    for d, m in decades.items():
+        values[f"{split}/rmse_by_decade/{d}s"] = m["rmse"]
+    rows = [[f"{d}s", m["n"], m["rmse"]] for d, m in decades.items()]
+    values[f"{split}/rmse_by_decade"] = WandbTable(["decade", "images", "rmse_years"], rows)
 
     def name(i: int) -> str:
         return Path(dataset.paths[i]).name if dataset.paths is not None else f"{split} #{i}"
@@ -200,9 +127,9 @@ def watch_model(accelerator: Accelerator, model: nn.Module, cfg: Config) -> None
     is several of them. With ``log_gradients`` on, the gradients are already histogrammed (under
     ``grad_hist/``), so W&B watches the parameters only.
     """
-    if not (cfg.logging.wandb.enabled and cfg.logging.wandb.watch_model and accelerator.is_main_process):
+    if not (cfg.logging.wandb.enabled and cfg.logging.wandb.watch_model):
         return
-    run = next((t.run for t in accelerator.trackers if t.name == "wandb"), None)
+    run = wandb_run(accelerator)
     if run is None:
         return
     freq = cfg.logging.wandb.watch_log_freq or cfg.logging.histograms_every_n_steps
@@ -235,12 +162,55 @@ class SystemMetrics:
         return out
 
 
-def log_system_metrics(accelerator: Accelerator, metrics: SystemMetrics | None, step: int) -> None:
-    """TensorBoard only: W&B already samples the same things in its own System tab."""
-    if metrics is None:
-        return
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for key, value in metrics.read().items():
-                tracker.writer.add_scalar(key, value, global_step=step)
-            tracker.writer.flush()
+# --------------------------------------------------------------------------------------------------
+# What the loop calls
+# --------------------------------------------------------------------------------------------------
+
+WORST_ROWS = 10  # rows of the worst-predictions table (log_predictions)
+
+
+class OptionalLogs:
+    """The optional logs of one run. Each method is a no-op when its option is off, and logs only
+    on the main process (the others have no trackers); none adds a collective."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, cfg: Config, data):
+        lg = cfg.logging
+        main = accelerator.is_main_process
+        self.accelerator, self.cfg, self.data = accelerator, cfg, data
+        self.grad_layers = gradient_layers(accelerator.unwrap_model(model)) if lg.log_gradients and main else None
+        self.grad_norms: dict[str, float] = {}  # the last log step's, sent with its train/loss_step
+        self.system = SystemMetrics(accelerator.device) if lg.system_metrics and main else None
+        self.val_sample = prediction_sample(len(data.val), lg.num_predictions, cfg.experiment.seed)
+        self.test_sample = prediction_sample(len(data.test), lg.num_predictions, cfg.experiment.seed)
+        watch_model(accelerator, model, cfg)
+
+    def after_backward(self, next_step: int) -> None:
+        """Gradient norms and histograms of the coming optimizer step: on the all-reduced gradients,
+        before clipping, divided by fp16's loss scale. Only called when ``grad_layers`` is set."""
+        lg = self.cfg.logging
+        if next_step % lg.log_every_n_steps == 0:
+            self.grad_norms = gradient_norms(self.grad_layers, gradient_scale(self.accelerator))
+        if next_step % lg.histograms_every_n_steps == 0:
+            values = gradient_histograms(self.grad_layers, gradient_scale(self.accelerator))
+            log_rich(self.accelerator, values, step=next_step)
+
+    def step_values(self) -> dict[str, float]:
+        """What a log step adds to ``train/loss_step`` (gradient norms, when on)."""
+        return self.grad_norms if self.grad_layers is not None else {}
+
+    def after_validation(self, val: dict, epoch: int, last: bool, step: int) -> None:
+        lg = self.cfg.logging
+        if lg.log_predictions and (epoch % lg.predictions_every_n_epochs == 0 or last) and self.accelerator.is_main_process:
+            self._predictions("val", self.data.val, val, self.val_sample, step)
+        if self.system is not None:
+            # TensorBoard only: W&B already samples the same things in its own System tab.
+            log_rich(self.accelerator, self.system.read(), step=step, wandb=False)
+
+    def after_test(self, test: dict, step: int) -> None:
+        if self.cfg.logging.log_predictions and self.accelerator.is_main_process:
+            self._predictions("test", self.data.test, test, self.test_sample, step)
+
+    def _predictions(self, split: str, dataset, out: dict, sample: np.ndarray, step: int) -> None:
+        d = self.data
+        values = prediction_values(split, dataset, out["pred"], out["y"], d.target_mean, d.target_std, sample, WORST_ROWS)
+        log_rich(self.accelerator, values, step=step)

@@ -1,0 +1,71 @@
+"""What turns gradients into updates: the optimizer with its parameter groups, the lr schedule, the loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from train.config import Config
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Two named parameter groups: weight decay on conv/linear weights, none on biases and norm
+    parameters (decaying those only pulls them to zero; nanoGPT and HF Trainer split the same way)."""
+    o = cfg.training.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Return ``(scheduler or None, steps_per_batch)``: cosine steps per optimizer step, step/plateau per epoch.
+
+    Not passed through ``accelerator.prepare``: a prepared scheduler steps ``num_processes`` times per
+    call. Counting our own optimizer steps keeps the lr at a given fraction of training the same with
+    1 and N processes, and lets ReduceLROnPlateau step exactly once per epoch.
+    """
+    s = cfg.training.scheduler
+    if s.name == "cosine":
+        # A function of the fraction of training done, so 1 and N processes (N times fewer steps
+        # per epoch each) see the same lr at the same point of training.
+        total = max(1, cfg.training.epochs * steps_per_epoch)
+        warmup = min(s.warmup_epochs / cfg.training.epochs, 1.0)
+
+        def factor(step: int) -> float:
+            done = step / total
+            if done < warmup:
+                return done / warmup
+            progress = min(1.0, (done - warmup) / (1.0 - warmup)) if warmup < 1.0 else 1.0
+            return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_epochs, gamma=s.gamma), False
+    if s.name == "plateau":
+        mode = cfg.training.early_stopping.mode
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=s.plateau_factor, patience=s.plateau_patience
+        )
+        return plateau, False
+    return None, False
+
+
+def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
+    """The configured loss on standardized targets; ``reduction="none"`` gives per-sample values."""
+    if cfg.training.loss == "huber":
+        return nn.HuberLoss(delta=cfg.training.huber_delta, reduction=reduction)
+    return nn.L1Loss(reduction=reduction) if cfg.training.loss == "l1" else nn.MSELoss(reduction=reduction)
+
+
+def lr_values(optimizer: torch.optim.Optimizer, lrs: list[float]) -> dict[str, float]:
+    """``lr`` (the first group's, shown on the console) and ``lr/<group name>`` for every group."""
+    groups = zip(optimizer.param_groups, lrs)
+    return {"lr": lrs[0], **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(groups)}}
