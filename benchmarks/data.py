@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=2000, help="JPEGs to generate (default: %(default)s)")
     ap.add_argument("--source-size", type=int, default=256, help="side of the generated JPEGs (default: %(default)s)")
-    ap.add_argument("--image-size", type=int, default=64, help="data.image_size the loader resizes to (default: %(default)s)")
+    ap.add_argument("--image-size", type=int, default=64,
+                    help="data.image_size the loader resizes to (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=64, help="data.batch_size (default: %(default)s)")
     ap.add_argument("--num-workers", type=int, default=2, help="data.num_workers (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps (default: %(default)s)")
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         csv = generate(tmp / "images", args.images, args.source_size)
-        print(f"generated {args.images} JPEGs of {args.source_size}x{args.source_size} in {time.perf_counter() - t0:.1f} s")
+        print(f"generated {args.images} JPEGs of {args.source_size}x{args.source_size} "
+              f"in {time.perf_counter() - t0:.1f} s")
         base = [
             "data.kind=manifest", f"data.manifest.path={csv}", f"data.image_size={args.image_size}",
             f"data.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}", "logging.progress_bar=false",
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         cfg_plain = load_config(None, base)
         cfg_cache = load_config(None, base + ["data.cache=true"])
-        cfg_aug = load_config(None, base + ["data.cache=true", "data.augment.hflip=true", "data.augment.crop_scale_min=0.7",
-                                            "data.augment.brightness=0.1"])
+        cfg_aug = load_config(None, base + ["data.cache=true", "data.augment.hflip=true",
+                                            "data.augment.crop_scale_min=0.7", "data.augment.brightness=0.1"])
 
         t0 = time.perf_counter()
         plain = build_data(cfg_plain)  # includes the startup check: every image decoded once
@@ -132,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         step = train_step_rate(cfg_cache, args.steps)
 
     n_train = len(plain.train)
-    print(f"\nmachine: {cpu_name()}, load average {__import__('os').getloadavg()[0]:.1f}, {len(__import__('os').sched_getaffinity(0))} cores, torch {torch.__version__}, "
+    print(f"\nmachine: {cpu_name()}, load average {__import__('os').getloadavg()[0]:.1f}, "
+          f"{len(__import__('os').sched_getaffinity(0))} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"images {args.images} ({n_train} in the train split), {args.source_size}px JPEG -> {args.image_size}px, "
           f"batch {args.batch_size}, num_workers {args.num_workers}")
     print(f"startup without cache (decode check of all images): {startup:6.2f} s")
-    print(f"cache build (first run, all images):                {build_s:6.2f} s  ({args.images / build_s:8.0f} images/s)")
+    print(f"cache build (first run, all images):                {build_s:6.2f} s  "
+          f"({args.images / build_s:8.0f} images/s)")
     print(f"startup with an existing cache (later runs):        {reopen_s:6.2f} s")
     print(f"loader, decoding JPEGs:       {decoding:9.0f} images/s")
     print(f"loader, cached:               {cached:9.0f} images/s")

@@ -1,8 +1,10 @@
 """What the trainer and its logging cost per epoch, next to a plain loop and Lightning, on one CPU process.
 
-    python benchmarks/overhead.py                           # both workloads, every arm, 5 repetitions, 1 thread, lockstep (~15 min)
+    python benchmarks/overhead.py                           # both workloads, every arm, 5 repetitions,
+                                                            # 1 thread, lockstep (~15 min)
     python benchmarks/overhead.py --workloads tiny --arms a_acc,b,b2 --reps 9
-    python benchmarks/overhead.py --quick                   # tiny workload and data, 2 epochs, 1 repetition, arms side by side: checks that it runs
+    python benchmarks/overhead.py --quick                   # tiny workload and data, 2 epochs, 1 repetition,
+                                                            # arms side by side: checks that it runs
     python benchmarks/overhead.py --json overhead.json      # also write every raw number
 
 Arms, all on the same model, data, batch size, epochs, seed and thread count:
@@ -92,8 +94,8 @@ TRAINER_ARMS = {
     "b": TRACKERS_OFF,
     "b2": TRACKERS_OFF,
     "c": DEFAULT_TRACKERS,
-    "d": DEFAULT_TRACKERS + ["logging.log_predictions=true", "logging.log_gradients=true", "logging.system_metrics=true",
-                             "logging.wandb.watch_model=true"],
+    "d": DEFAULT_TRACKERS + ["logging.log_predictions=true", "logging.log_gradients=true",
+                             "logging.system_metrics=true", "logging.wandb.watch_model=true"],
 }
 
 # Sized for an epoch of ~2.5 s (cnn, 32 steps) and ~1.5 s (tiny, 800 steps) on one thread of a 2-core EPYC.
@@ -121,7 +123,12 @@ RATIOS = [
     ("e", "c", {}, "Lightning + TensorBoard vs trainer defaults"),
 ]
 
-TRACKER_KINDS = {"none": "no tracker", "tensorboard": "TensorBoard", "wandb": "W&B offline", "both": "TensorBoard + W&B offline"}
+TRACKER_KINDS = {
+    "none": "no tracker",
+    "tensorboard": "TensorBoard",
+    "wandb": "W&B offline",
+    "both": "TensorBoard + W&B offline",
+}
 CHECKPOINT_GOAL = 1.10
 
 
@@ -148,8 +155,8 @@ def run_trainer(cfg: Config) -> dict:
     results = train(cfg)
     # What a user reads: results.json in the run directory (the returned dict is the same).
     saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
-    return {"epoch_times": saved["epoch_times_s"], "epoch_cpu_times": saved["epoch_cpu_times_s"], "threads": torch.get_num_threads(),
-            "best_val_rmse": saved.get("best/rmse")}
+    return {"epoch_times": saved["epoch_times_s"], "epoch_cpu_times": saved["epoch_cpu_times_s"],
+            "threads": torch.get_num_threads(), "best_val_rmse": saved.get("best/rmse")}
 
 
 def build_everything(cfg: Config):
@@ -211,7 +218,8 @@ def run_hand_written(cfg: Config, use_accelerate: bool) -> dict:
         val_rmse.append(val["rmse"])
         epoch_times.append(time.perf_counter() - t0)
         epoch_cpu.append(time.process_time() - c0)
-    return {"epoch_times": epoch_times, "epoch_cpu_times": epoch_cpu, "threads": torch.get_num_threads(), "best_val_rmse": min(val_rmse)}
+    return {"epoch_times": epoch_times, "epoch_cpu_times": epoch_cpu, "threads": torch.get_num_threads(),
+            "best_val_rmse": min(val_rmse)}
 
 
 def plain_evaluate(model, loader, per_sample, target_std: float) -> dict[str, float]:
@@ -224,7 +232,8 @@ def plain_evaluate(model, loader, per_sample, target_std: float) -> dict[str, fl
         for x, y in loader:
             pred = model(x).float()
             err = pred - y
-            sums += torch.stack([per_sample(pred, y).sum(), err.pow(2).sum(), err.abs().sum(), torch.tensor(float(len(y)))]).double()
+            sums += torch.stack([per_sample(pred, y).sum(), err.pow(2).sum(), err.abs().sum(),
+                                 torch.tensor(float(len(y)))]).double()
     model.train()
     loss_sum, sq, ab, n = sums.tolist()
     return {"loss": loss_sum / n, "rmse": math.sqrt(sq / n) * target_std, "mae": ab / n * target_std}
@@ -276,7 +285,8 @@ def run_lightning(cfg: Config, log_dir: Path) -> dict:
         def on_validation_epoch_end(self):
             loss_sum, sq, ab, n = self.val_sums.tolist()
             self.val_rmse.append(math.sqrt(sq / n) * data.target_std)
-            self.log_dict({"val/loss": loss_sum / n, "val/rmse": math.sqrt(sq / n) * data.target_std, "val/mae": ab / n * data.target_std})
+            self.log_dict({"val/loss": loss_sum / n, "val/rmse": math.sqrt(sq / n) * data.target_std,
+                           "val/mae": ab / n * data.target_std})
 
         def configure_optimizers(self):
             optimizer = build_optimizer(cfg, self.net)
@@ -316,13 +326,15 @@ def run_lightning(cfg: Config, log_dir: Path) -> dict:
     trainer.fit(module, train_loader, val_loader)
     bounds = timer.marks
     if len(bounds) != cfg.training.epochs + 1 or len(timer.val_ends) != cfg.training.epochs:
-        raise RuntimeError(f"Lightning ran {len(bounds) - 1} epochs and {len(timer.val_ends)} validations; expected {cfg.training.epochs}")
+        raise RuntimeError(f"Lightning ran {len(bounds) - 1} epochs and {len(timer.val_ends)} validations; "
+                           f"expected {cfg.training.epochs}")
     for k, t in enumerate(timer.val_ends):
         if not bounds[k] < t < bounds[k + 1]:
             raise RuntimeError(f"Lightning's validation of epoch {k + 1} ran outside its timing window")
     epoch_times = [b - a for a, b in zip(bounds, bounds[1:])]
     epoch_cpu = [b - a for a, b in zip(timer.cpu_marks, timer.cpu_marks[1:])]
-    return {"epoch_times": epoch_times, "epoch_cpu_times": epoch_cpu, "threads": torch.get_num_threads(), "best_val_rmse": min(module.val_rmse)}
+    return {"epoch_times": epoch_times, "epoch_cpu_times": epoch_cpu, "threads": torch.get_num_threads(),
+            "best_val_rmse": min(module.val_rmse)}
 
 
 def run_trackers(kind: str, out_dir: Path) -> dict:
@@ -383,8 +395,9 @@ def worker_env(tmp: Path) -> dict[str, str]:
 
 
 def worker_cmd(task: str, workload: str, args, out_dir: Path) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--workload", workload, "--out-dir", str(out_dir),
-            "--epochs", str(args.epochs), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    return ([sys.executable, str(Path(__file__).resolve()), "--worker", task, "--workload", workload,
+             "--out-dir", str(out_dir), "--epochs", str(args.epochs), "--threads", str(args.threads)]
+            + (["--quick"] if args.quick else []))
 
 
 def parse_worker(output: str, returncode: int) -> tuple[dict | None, str]:
@@ -398,7 +411,8 @@ def parse_worker(output: str, returncode: int) -> tuple[dict | None, str]:
 def spawn(task: str, workload: str, args, out_dir: Path, env: dict) -> tuple[dict | None, str]:
     """Run one worker; return (its RESULT dict, "") or (None, the last lines of its output)."""
     try:
-        proc = subprocess.run(worker_cmd(task, workload, args, out_dir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(worker_cmd(task, workload, args, out_dir), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {args.timeout} s"
     return parse_worker(proc.stdout + proc.stderr, proc.returncode)
@@ -419,7 +433,8 @@ def run_lockstep(jobs: list[tuple[str, str, Path]], args, env: dict) -> list[tup
     for task, workload, out_dir in jobs:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(out_dir.parent / f"{out_dir.name}.log", "w+")
-        proc = subprocess.Popen(worker_cmd(task, workload, args, out_dir), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(worker_cmd(task, workload, args, out_dir), cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
         os.kill(proc.pid, signal.SIGSTOP)
         procs.append({"proc": proc, "log": log, "t0": time.perf_counter(), "wall": None})
     deadline = time.perf_counter() + args.timeout
@@ -461,7 +476,9 @@ def steady(epoch_times: list[float]) -> float:
     return statistics.median(epoch_times[1:] or epoch_times)
 
 
-def run_jobs(jobs: list[tuple[str, str, Path]], args, env: dict, lockstep: bool = False) -> list[tuple[dict | None, str, float]]:
+def run_jobs(
+    jobs: list[tuple[str, str, Path]], args, env: dict, lockstep: bool = False
+) -> list[tuple[dict | None, str, float]]:
     """``spawn`` every (task, workload, out_dir) in order; ``--quick`` runs them side by side on the
     machine's cores instead (it only checks that everything runs: its times mean nothing)."""
 
@@ -497,8 +514,9 @@ def run_arms(args, workloads: list[str], arms: list[str], tmp: Path, env: dict) 
                 medians[workload][arm][rep] = steady(result[epoch_key(args)])
                 args.raw["runs"].append({"workload": workload, "arm": arm, "rep": rep + 1, "wall_s": wall, **result})
                 shown = " ".join(f"{t:.3f}" for t in result[epoch_key(args)])
-                print(f"  rep {rep + 1}/{args.reps} {workload:5s} {arm:6s} epochs [{shown}] s, {result['threads']} threads, "
-                      f"best val rmse {result['best_val_rmse']:.3f}, process {wall:.1f} s", flush=True)
+                print(f"  rep {rep + 1}/{args.reps} {workload:5s} {arm:6s} epochs [{shown}] s, "
+                      f"{result['threads']} threads, best val rmse {result['best_val_rmse']:.3f}, "
+                      f"process {wall:.1f} s", flush=True)
     return medians, failures
 
 
@@ -533,8 +551,9 @@ def checkpoint_timing(reps: int, directory: Path) -> dict:
     cfg = load_config(None, [])
     torch.manual_seed(0)
     state_dict = build_model(cfg.model).state_dict()
-    meta = checkpoint_metadata(model_cfg=cfg.model, epoch=3, global_step=375, monitor="val/rmse", value=21.5, target_mean=1935.0,
-                               target_std=49.1, pixel_mean=[0.45, 0.42, 0.38], pixel_std=[0.25, 0.24, 0.24], image_size=cfg.data.image_size)
+    meta = checkpoint_metadata(model_cfg=cfg.model, epoch=3, global_step=375, monitor="val/rmse", value=21.5,
+                               target_mean=1935.0, target_std=49.1, pixel_mean=[0.45, 0.42, 0.38],
+                               pixel_std=[0.25, 0.24, 0.24], image_size=cfg.data.image_size)
     directory.mkdir(parents=True, exist_ok=True)
     plain_path, best_path = directory / "plain.safetensors", directory / "best.safetensors"
 
@@ -609,7 +628,9 @@ def verdict(value: float | None, goal: tuple[str, float] | None) -> str:
     return "PASS" if ok else "MISS"
 
 
-def print_workload(workload: str, arms: list[str], medians: dict, steps: int, describe: str, skipped_e: bool, cpu_clock: bool) -> None:
+def print_workload(
+    workload: str, arms: list[str], medians: dict, steps: int, describe: str, skipped_e: bool, cpu_clock: bool
+) -> None:
     """Per-arm medians, then each ratio with its goal. A verdict closer to its bound than the noise arm
     is from 1 is marked: this machine cannot tell that one apart (rerun with more --reps)."""
     print(f"\n=== {workload}: {describe}; {steps} optimizer steps per epoch ===")
@@ -626,7 +647,8 @@ def print_workload(workload: str, arms: list[str], medians: dict, steps: int, de
             print(f"{arm:6s} {ARMS[arm]:44s} {'failed':>8s}")
             continue
         med = statistics.median(xs)
-        print(f"{arm:6s} {ARMS[arm]:44s} {med:8.3f} {med / steps * 1e3:8.3f} {f'{min(xs):.3f}..{max(xs):.3f}':>18s}  {len(xs)}")
+        print(f"{arm:6s} {ARMS[arm]:44s} {med:8.3f} {med / steps * 1e3:8.3f} "
+              f"{f'{min(xs):.3f}..{max(xs):.3f}':>18s}  {len(xs)}")
     noise_ratio = ratio_of_medians(medians["b2"], medians["b"]) if "b" in arms and "b2" in arms else None
     noise = abs(noise_ratio - 1) if noise_ratio is not None else None
     print(f"\n{'ratio':8s} {'value':>7s} {'per step':>10s} {'paired':>7s} {'goal':>8s} {'result':>6s}  what")
@@ -634,19 +656,23 @@ def print_workload(workload: str, arms: list[str], medians: dict, steps: int, de
         if num not in arms or den not in arms:
             other = den if num == "e" else num
             if "e" in (num, den) and skipped_e and other in arms:
-                print(f"{num + '/' + den:8s} {'n/a':>7s} {'':>10s} {'':>7s} {'':>8s} {'':>6s}  skipped: Lightning is not installed")
+                print(f"{num + '/' + den:8s} {'n/a':>7s} {'':>10s} {'':>7s} {'':>8s} {'':>6s}  "
+                      "skipped: Lightning is not installed")
             continue
         value = ratio_of_medians(medians[num], medians[den])
         goal = goals.get(workload)
         goal_text = f"{goal[0]} {goal[1]:g}" if goal else "-"
         if value is None:
-            print(f"{num + '/' + den:8s} {'n/a':>7s} {'':>10s} {'':>7s} {goal_text:>8s} {verdict(value, goal):>6s}  {what} (an arm failed)")
+            print(f"{num + '/' + den:8s} {'n/a':>7s} {'':>10s} {'':>7s} {goal_text:>8s} {verdict(value, goal):>6s}  "
+                  f"{what} (an arm failed)")
             continue
-        per_step_us = (statistics.median(medians[num].values()) - statistics.median(medians[den].values())) / steps * 1e6
+        per_step_us = (statistics.median(medians[num].values())
+                       - statistics.median(medians[den].values())) / steps * 1e6
         unsure = goal is not None and noise is not None and abs(value - goal[1]) < noise
         note = f"  [within the noise: |b2/b - 1| = {noise:.1%}]" if unsure else ""
-        print(f"{num + '/' + den:8s} {value:7.3f} {per_step_us:+8.1f}us {paired_ratio(medians[num], medians[den]):7.3f} "
-              f"{goal_text:>8s} {verdict(value, goal):>6s}  {what}{note}")
+        print(f"{num + '/' + den:8s} {value:7.3f} {per_step_us:+8.1f}us "
+              f"{paired_ratio(medians[num], medians[den]):7.3f} {goal_text:>8s} {verdict(value, goal):>6s}  "
+              f"{what}{note}")
 
 
 def print_trackers(times: dict) -> None:
@@ -659,10 +685,12 @@ def print_trackers(times: dict) -> None:
             continue
         med = {k: statistics.median(r[k] for r in runs) for k in ("start_s", "finish_s", "process_s")}
         total = statistics.median(r["start_s"] + r["finish_s"] for r in runs)
-        print(f"{'trackers ' + kind:22s} {med['start_s']:8.3f} {med['finish_s']:8.3f} {total:8.3f} {med['process_s']:10.3f}  "
-              f"{len(runs)}   {text}")
-    print("start: Accelerator + init_trackers, including the import of tensorboard/wandb and the start of W&B's service process;\n"
-          "finish: finish_trackers (run.finish + end_training); process: the whole worker from spawn to exit, so its difference\n"
+        print(f"{'trackers ' + kind:22s} {med['start_s']:8.3f} {med['finish_s']:8.3f} {total:8.3f} "
+              f"{med['process_s']:10.3f}  {len(runs)}   {text}")
+    print("start: Accelerator + init_trackers, including the import of tensorboard/wandb and the start of W&B's "
+          "service process;\n"
+          "finish: finish_trackers (run.finish + end_training); process: the whole worker from spawn to exit, so its "
+          "difference\n"
           "to 'none' also holds what happens at interpreter exit")
 
 
@@ -671,35 +699,48 @@ def print_checkpoint(result: dict, directory: Path) -> None:
     best, durable, plain = (statistics.median(t[k]) for k in ("save_best", "save_best+durable", "save_file+fsync"))
     print(f"\n=== Checkpoint save: default CNN state dict, {result['tensors']} tensors, {result['numel']:,} values, "
           f"{result['bytes'] / 1e6:.2f} MB, on {filesystem(directory)} ===")
-    print(f"checkpoint save: save_best, what training waits for   {best * 1e3:8.2f} ms  (median of {len(t['save_best'])})")
-    print(f"checkpoint save: save_best until durable             {durable * 1e3:8.2f} ms  (+ the background directory fsync)")
+    print(f"checkpoint save: save_best, what training waits for   {best * 1e3:8.2f} ms  "
+          f"(median of {len(t['save_best'])})")
+    print(f"checkpoint save: save_best until durable             {durable * 1e3:8.2f} ms  "
+          "(+ the background directory fsync)")
     print(f"checkpoint save: save_file + fsync                   {plain * 1e3:8.2f} ms")
     print(f"checkpoint ratio save_best/save_file {best / plain:.3f}  goal <= {CHECKPOINT_GOAL:g}  "
           f"{verdict(best / plain, ('<=', CHECKPOINT_GOAL))}  (atomic: temp file, fsync, rename)")
-    print(f"checkpoint ratio durable/save_file   {durable / plain:.3f}  (shown for reading: + directory fsync, so the rename survives a power loss)")
+    print(f"checkpoint ratio durable/save_file   {durable / plain:.3f}  "
+          "(shown for reading: + directory fsync, so the rename survives a power loss)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Arms: " + "; ".join(f"{k}: {v}" for k, v in ARMS.items()))
     ap.add_argument("--reps", type=int, help="repetitions of every arm (default: 5; --quick: 1)")
     ap.add_argument("--epochs", type=int, help="epochs per run, the first is warm-up (default: 4; --quick: 2)")
     # One thread by default: with every core busy, any other process (W&B's service, the OS) stalls
     # the OpenMP team and two identical runs differed by 10-15% on a 2-core VM, hiding 2-3% effects.
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in every arm (default: 1, which leaves the other cores to background work)")
-    ap.add_argument("--workloads", help="comma-separated, of: " + ", ".join(WORKLOADS) + " (default: cnn,tiny; --quick: tiny)")
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of: " + ", ".join(ARMS) + " (default: all)")
-    ap.add_argument("--checkpoint-reps", type=int, default=30, help="repetitions of each checkpoint write (default: %(default)s)")
-    ap.add_argument("--tracker-reps", type=int, default=3, help="repetitions of each tracker start-up (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in every arm (default: 1, which leaves the other cores to background work)")
+    ap.add_argument("--workloads",
+                    help="comma-separated, of: " + ", ".join(WORKLOADS) + " (default: cnn,tiny; --quick: tiny)")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help="comma-separated, of: " + ", ".join(ARMS) + " (default: all)")
+    ap.add_argument("--checkpoint-reps", type=int, default=30,
+                    help="repetitions of each checkpoint write (default: %(default)s)")
+    ap.add_argument("--tracker-reps", type=int, default=3,
+                    help="repetitions of each tracker start-up (default: %(default)s)")
     ap.add_argument("--quick", action="store_true",
-                    help="tiny workload only, tiny data, 2 epochs, 1 repetition: checks that everything runs, times mean nothing")
+                    help="tiny workload only, tiny data, 2 epochs, 1 repetition: checks that everything runs, "
+                         "times mean nothing")
     ap.add_argument("--json", metavar="PATH", help="also write every raw number to this JSON file")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds one worker (sequential) or one lockstep group may take (default: %(default)s)")
+    ap.add_argument("--timeout", type=int, default=1800,
+                    help="seconds one worker (sequential) or one lockstep group may take (default: %(default)s)")
     ap.add_argument("--schedule", choices=["lockstep", "sequential", "parallel"],
-                    help="lockstep (the default): the arms of a repetition run at once, one at a time in turn, and are compared "
-                         "on CPU seconds per epoch; sequential: one after the other, on wall seconds; parallel (--quick's "
-                         "default): side by side on all cores, which only checks that everything runs")
-    ap.add_argument("--slice", type=float, default=0.25, help="lockstep: seconds each arm runs before the next (default: %(default)s)")
+                    help="lockstep (the default): the arms of a repetition run at once, one at a time in turn, and "
+                         "are compared on CPU seconds per epoch; sequential: one after the other, on wall seconds; "
+                         "parallel (--quick's default): side by side on all cores, which only checks that "
+                         "everything runs")
+    ap.add_argument("--slice", type=float, default=0.25,
+                    help="lockstep: seconds each arm runs before the next (default: %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload", default="cnn", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -730,13 +771,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     print(f"machine: {cpu_name()}, {cores()} cores, {args.threads} threads in every arm, load average {load_start:.2f}")
-    print(f"python {platform.python_version()}, torch {version('torch')}, accelerate {version('accelerate')}, wandb {version('wandb')}, "
-          f"tensorboard {version('tensorboard')}, lightning {version('lightning')}")
+    print(f"python {platform.python_version()}, torch {version('torch')}, accelerate {version('accelerate')}, "
+          f"wandb {version('wandb')}, tensorboard {version('tensorboard')}, lightning {version('lightning')}")
     if skipped_e:
         print("note: arm e skipped: Lightning is not installed (pip install lightning)")
-    print(f"{args.reps} repetitions x {args.epochs} epochs (epoch 1 is warm-up), arms {','.join(arms)}, workloads {','.join(workloads)}"
-          + (" [--quick: times mean nothing]" if args.quick else ""))
-    print("each run: its epoch times, and its best val rmse, which is the same in every arm of a workload when they do the same math")
+    print(f"{args.reps} repetitions x {args.epochs} epochs (epoch 1 is warm-up), arms {','.join(arms)}, "
+          f"workloads {','.join(workloads)}" + (" [--quick: times mean nothing]" if args.quick else ""))
+    print("each run: its epoch times, and its best val rmse, which is the same in every arm of a workload when they "
+          "do the same math")
 
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp_name:
         tmp = Path(tmp_name)
@@ -749,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = math.ceil(cfg.data.synthetic.num_train / cfg.data.batch_size)
             describe = (f"{WORKLOAD_TEXT[workload]}, {cfg.data.image_size}px, batch {cfg.data.batch_size}, "
                         f"{cfg.data.synthetic.num_train} train / {cfg.data.synthetic.num_val} val images")
-            print_workload(workload, arms, medians[workload], steps, describe, skipped_e, cpu_clock=epoch_key(args) == "epoch_cpu_times")
+            print_workload(workload, arms, medians[workload], steps, describe, skipped_e,
+                           cpu_clock=epoch_key(args) == "epoch_cpu_times")
         print_trackers(tracker_times)
         print_checkpoint(checkpoint, tmp)
 
@@ -760,8 +803,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {line}")
     if args.json:
         raw = {"machine": {"cpu": cpu_name(), "cores": cores(), "threads": args.threads},
-               "settings": {"reps": args.reps, "epochs": args.epochs, "quick": args.quick, "workloads": workloads, "arms": arms,
-                            "schedule": args.schedule, "clock": epoch_key(args)},
+               "settings": {"reps": args.reps, "epochs": args.epochs, "quick": args.quick, "workloads": workloads,
+                            "arms": arms, "schedule": args.schedule, "clock": epoch_key(args)},
                **args.raw, "checkpoint": checkpoint, "failures": failures}
         Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
         print(f"raw numbers: {args.json}")

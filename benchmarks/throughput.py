@@ -53,7 +53,8 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 WORKLOADS = {
     "cnn": ["data.synthetic.num_train=8192"],
     "cnn64": ["data.image_size=64", "data.batch_size=128", "data.synthetic.num_train=4096"],
-    "tiny": ["data.image_size=8", "model.channels=[8]", "model.hidden=8", "data.batch_size=32", "data.synthetic.num_train=16384"],
+    "tiny": ["data.image_size=8", "model.channels=[8]", "model.hidden=8", "data.batch_size=32",
+             "data.synthetic.num_train=16384"],
 }
 SMALL_SPLITS = ["data.synthetic.num_val=256", "data.synthetic.num_test=256", "data.eval_batch_size=256"]
 QUICK_DATA = ["data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.num_test=64"]
@@ -71,13 +72,17 @@ class Setting:
     compile: bool
 
     def label(self) -> str:
-        return f"{self.workload} {self.precision} channels_last={on_off(self.channels_last)} compile={on_off(self.compile)}"
+        return (f"{self.workload} {self.precision} channels_last={on_off(self.channels_last)} "
+                f"compile={on_off(self.compile)}")
 
     def overrides(self, epochs: int, quick: bool, backend: str) -> list[str]:
         return WORKLOADS[self.workload] + SMALL_SPLITS + (QUICK_DATA if quick else []) + [
-            f"training.mixed_precision={PRECISIONS[self.precision]}", f"training.channels_last={str(self.channels_last).lower()}",
-            f"training.compile={str(self.compile).lower()}", f"training.compile_backend={backend}", f"training.epochs={epochs}",
-            "logging.tensorboard=false", "logging.wandb.enabled=false", "logging.progress_bar=false", "checkpoint.every_n_epochs=0",
+            f"training.mixed_precision={PRECISIONS[self.precision]}",
+            f"training.channels_last={str(self.channels_last).lower()}",
+            f"training.compile={str(self.compile).lower()}", f"training.compile_backend={backend}",
+            f"training.epochs={epochs}",
+            "logging.tensorboard=false", "logging.wandb.enabled=false", "logging.progress_bar=false",
+            "checkpoint.every_n_epochs=0",
         ]
 
 
@@ -116,7 +121,8 @@ def worker(overrides: list[str]) -> dict:
 
 def run_setting(setting: Setting, args, tmp: Path, timeout: float) -> tuple[dict | None, str]:
     out_dir = tmp / setting.label().replace(" ", "_").replace("=", "-")
-    overrides = setting.overrides(args.epochs, args.quick, args.backend) + [f"experiment.output_dir={out_dir}", "experiment.name=run"]
+    overrides = setting.overrides(args.epochs, args.quick, args.backend) + [
+        f"experiment.output_dir={out_dir}", "experiment.name=run"]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *overrides]
     try:
@@ -148,20 +154,26 @@ def machine_line() -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"machine: {platform.node()}, {cores} CPU cores, GPU: {gpu}; python {platform.python_version()}, torch {v('torch')}, "
-            f"accelerate {v('accelerate')}")
+    return (f"machine: {platform.node()}, {cores} CPU cores, GPU: {gpu}; python {platform.python_version()}, "
+            f"torch {v('torch')}, accelerate {v('accelerate')}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", help="comma-separated, of: " + ", ".join(WORKLOADS) + " (default: cnn,tiny,cnn64; --quick: cnn,tiny)")
-    ap.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated, of: fp32, bf16, fp16 (default: %(default)s)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads",
+                    help="comma-separated, of: " + ", ".join(WORKLOADS)
+                    + " (default: cnn,tiny,cnn64; --quick: cnn,tiny)")
+    ap.add_argument("--precisions", default="fp32,bf16,fp16",
+                    help="comma-separated, of: fp32, bf16, fp16 (default: %(default)s)")
     ap.add_argument("--channels-last", help="off, on or off,on (default: off,on; --quick: off)")
     ap.add_argument("--compile", help="off, on or off,on (default: off,on; --quick: off)")
     ap.add_argument("--backend", default="inductor", help="training.compile_backend (default: %(default)s)")
     ap.add_argument("--epochs", type=int, help="epochs per setting, the first is warm-up (default: 3; --quick: 2)")
-    ap.add_argument("--setting-timeout", type=float, default=120, help="seconds one setting may take (default: %(default)s)")
-    ap.add_argument("--total-budget", type=float, default=0, help="seconds for all settings; 0 = no limit (default: %(default)s)")
+    ap.add_argument("--setting-timeout", type=float, default=120,
+                    help="seconds one setting may take (default: %(default)s)")
+    ap.add_argument("--total-budget", type=float, default=0,
+                    help="seconds for all settings; 0 = no limit (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="tiny data, 2 epochs: checks that it runs (CPU tests)")
     ap.add_argument("--out", metavar="PATH", help="also write the table to this file")
     ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -219,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = {s.workload: rate for s, rate, *_ in rows if s.precision == "fp32" and not s.channels_last and not s.compile}
     say("")
-    say(f"{'workload':8s} {'precision':9s} {'ch_last':7s} {'compile':7s} {'samples/s':>11s} {'s/epoch':>8s} {'warm-up s':>9s} "
-        f"{'vs fp32':>8s} {'process s':>9s}")
+    say(f"{'workload':8s} {'precision':9s} {'ch_last':7s} {'compile':7s} {'samples/s':>11s} {'s/epoch':>8s} "
+        f"{'warm-up s':>9s} {'vs fp32':>8s} {'process s':>9s}")
     for s, rate, steady, warm, wall in rows:
         rel = f"{rate / base[s.workload]:8.2f}" if s.workload in base else f"{'-':>8s}"
         say(f"{s.workload:8s} {s.precision:9s} {on_off(s.channels_last):7s} {on_off(s.compile):7s} "

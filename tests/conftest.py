@@ -43,7 +43,9 @@ def env(**extra) -> dict[str, str]:
     return e
 
 
-def run_main(args: list[str], launcher: list[str] | None = None, timeout: int = 240, **env_extra) -> subprocess.CompletedProcess:
+def run_main(
+    args: list[str], launcher: list[str] | None = None, timeout: int = 240, **env_extra
+) -> subprocess.CompletedProcess:
     """``python train/main.py ARGS`` (or ``LAUNCHER train/main.py ARGS``) from the repo root."""
     cmd = (launcher or [sys.executable]) + [MAIN] + args
     return subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
@@ -69,13 +71,15 @@ def wandb_records(run_dir: Path) -> list[dict]:
     """Every record of the run's offline W&B file(s), read with W&B's own reader."""
     records = []
     for offline in sorted((run_dir / "wandb").glob("offline-run-*")):
-        out = subprocess.run(["wandb", "leet", "inspect", "--json", str(offline)], capture_output=True, text=True, check=True)
+        out = subprocess.run(["wandb", "leet", "inspect", "--json", str(offline)],
+                             capture_output=True, text=True, check=True)
         records += [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     return records
 
 
 def wandb_summary(offline_dir: Path) -> dict:
-    out = subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(offline_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(offline_dir)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -97,9 +101,11 @@ def out(tmp_path: Path) -> Path:
 def popen_main(args: list[str], launcher: list[str], **env_extra) -> subprocess.Popen:
     """Like ``run_main`` but in the background (for launches that must run at the same time, e.g. the
     machines of a simulated multi-node job); read the result with ``.communicate(timeout=...)``."""
-    return subprocess.Popen(launcher + [MAIN] + args, cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(launcher + [MAIN] + args, cwd=ROOT, env=env(**env_extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def run_sweep_cli(args: list[str], timeout: int = 240, **env_extra) -> subprocess.CompletedProcess:
     """``python -m train.sweep ARGS`` from the repo root, W&B offline."""
-    return subprocess.run([sys.executable, "-m", "train.sweep", *args], cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "train.sweep", *args], cwd=ROOT, env=env(**env_extra),
+                          capture_output=True, text=True, timeout=timeout)

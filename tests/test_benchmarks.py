@@ -29,7 +29,8 @@ def outputs(tmp_path_factory) -> dict:
     raw = tmp / "raw.json"
     runs = {
         "overhead": [sys.executable, "benchmarks/overhead.py", "--quick", "--json", str(raw)],
-        "throughput": [sys.executable, "benchmarks/throughput.py", "--quick", "--precisions", "fp32", "--out", str(tmp / "table.txt")],
+        "throughput": [sys.executable, "benchmarks/throughput.py", "--quick", "--precisions", "fp32",
+                       "--out", str(tmp / "table.txt")],
         # The default schedule, on two arms: started together, run one at a time, compared on CPU seconds.
         "lockstep": [sys.executable, "benchmarks/overhead.py", "--quick", "--schedule", "lockstep", "--arms", "a_acc,b",
                      "--checkpoint-reps", "2", "--json", str(tmp / "lockstep.json")],
@@ -71,7 +72,9 @@ def test_overhead_quick_prints_checkpoint_and_tracker_lines(outputs):
     rc, text = outputs["overhead"]
     assert rc == 0, text[-3000:]
     for kind in ("none", "tensorboard", "wandb", "both"):
-        assert re.search(rf"^trackers {kind}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", text, re.M), f"no tracker line {kind}:\n{text}"
+        assert re.search(rf"^trackers {kind}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", text, re.M), (
+            f"no tracker line {kind}:\n{text}"
+        )
     assert re.search(rf"^checkpoint save: save_best, what training waits for\s+{NUMBER} ms", text, re.M), text
     assert re.search(rf"^checkpoint save: save_best until durable\s+{NUMBER} ms", text, re.M), text
     assert re.search(rf"^checkpoint save: save_file \+ fsync\s+{NUMBER} ms", text, re.M), text
@@ -95,7 +98,9 @@ def test_throughput_quick_cpu_fp32(outputs):
     assert rc == 0, text[-3000:]
     assert "torch sees CUDA:" in text
     for workload in ("cnn", "tiny"):
-        assert re.search(rf"^{workload}\s+fp32\s+off\s+off\s+[\d,]+\s+{NUMBER}", text, re.M), f"no row for {workload}:\n{text}"
+        assert re.search(rf"^{workload}\s+fp32\s+off\s+off\s+[\d,]+\s+{NUMBER}", text, re.M), (
+            f"no row for {workload}:\n{text}"
+        )
     assert "ERROR" not in text
     assert outputs["table"].strip().splitlines()[-1].startswith("wall time"), outputs["table"]
 

@@ -38,7 +38,8 @@ def test_every_shipped_config_validates(path):
     defaults = leaves(Config().model_dump(mode="json"))
     assert stated and stated.keys() <= loaded.keys(), sorted(stated.keys() - loaded.keys())
     assert {k: loaded[k] for k in stated} == stated
-    assert {k: v for k, v in loaded.items() if k not in stated} == {k: v for k, v in defaults.items() if k not in stated}
+    assert ({k: v for k, v in loaded.items() if k not in stated}
+            == {k: v for k, v in defaults.items() if k not in stated})
     text = path.read_text()
     assert text.startswith("#") and "train/main.py" in text.split("\n\n")[0], (
         "configs open with the command that uses them"
@@ -69,7 +70,8 @@ def test_numbers_as_people_write_them(tmp_path):
 
 def test_sweep_agent_text_values_parse():
     # W&B agents pass Python reprs: 1e-05, None, True.
-    cfg = load_config(DEFAULT_CONFIG, ["training.optimizer.lr=1e-05", "training.max_grad_norm=None", "logging.wandb.enabled=True"])
+    cfg = load_config(DEFAULT_CONFIG,
+                      ["training.optimizer.lr=1e-05", "training.max_grad_norm=None", "logging.wandb.enabled=True"])
     assert cfg.training.optimizer.lr == 1e-05
     assert cfg.training.max_grad_norm is None
     assert cfg.logging.wandb.enabled is True
@@ -86,7 +88,8 @@ def test_all_problems_are_reported_together():
 
 
 def test_yaml_1_1_surprises_are_avoided():
-    cfg = load_config(DEFAULT_CONFIG, ["training.max_time=23:50:00", "experiment.name=2024-01-01", "training.mixed_precision=no"])
+    cfg = load_config(DEFAULT_CONFIG,
+                      ["training.max_time=23:50:00", "experiment.name=2024-01-01", "training.mixed_precision=no"])
     assert cfg.training.max_time == "23:50:00"
     assert cfg.experiment.name == "2024-01-01"
     assert cfg.training.mixed_precision == "no"
@@ -124,7 +127,8 @@ def test_bad_config_exit_2_one_line_no_traceback(out, overrides, line):
 def test_missing_config_file(out):
     r = run_main(["--config", str(out / "nope.yml")])
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: config file '{out / 'nope.yml'}' not found (pass an existing YAML file, e.g. --config configs/model_config.yml)"
+    assert r.stderr.strip() == (f"error: config file '{out / 'nope.yml'}' not found "
+                                "(pass an existing YAML file, e.g. --config configs/model_config.yml)")
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

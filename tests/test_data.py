@@ -16,7 +16,13 @@ from train.data import build_data, parse_date
 
 @pytest.mark.parametrize(
     "text,year",
-    [("1901", 1901.5), ("1900-01", 1900 + 15.5 / 365), ("2000-03-01", 2000 + (31 + 29 + 0.5) / 366), ("1955.25", 1955.25), (" 1970 ", 1970.5)],
+    [
+        ("1901", 1901.5),
+        ("1900-01", 1900 + 15.5 / 365),
+        ("2000-03-01", 2000 + (31 + 29 + 0.5) / 366),
+        ("1955.25", 1955.25),
+        (" 1970 ", 1970.5),
+    ],
 )
 def test_parse_date(text, year):
     assert parse_date(text) == pytest.approx(year)
@@ -29,7 +35,8 @@ def test_parse_date_rejects(text):
 
 
 def test_synthetic_is_deterministic_and_standardized():
-    cfg = load_config(DEFAULT_CONFIG, ["data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.num_test=16"])
+    cfg = load_config(DEFAULT_CONFIG,
+                      ["data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.num_test=16"])
     a, b = build_data(cfg), build_data(cfg)
     assert np.array_equal(a.train.images.numpy(), b.train.images.numpy())
     assert a.train.images.shape == (64, 3, 32, 32)
@@ -61,8 +68,8 @@ def test_manifest_trains_end_to_end(out, tmp_path):
     csv, root = _collection(tmp_path)
     extra = {
         "data.kind": "manifest", "data.manifest.path": str(csv), "data.manifest.image_root": str(root),
-        "data.manifest.path_column": "file", "data.manifest.date_column": "taken", "data.manifest.split_column": "split",
-        "data.image_size": 16, "training.epochs": 1, "experiment.name": "m",
+        "data.manifest.path_column": "file", "data.manifest.date_column": "taken",
+        "data.manifest.split_column": "split", "data.image_size": 16, "training.epochs": 1, "experiment.name": "m",
     }
     r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **extra)])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -72,7 +79,8 @@ def test_manifest_trains_end_to_end(out, tmp_path):
 
 def test_manifest_bad_rows_are_named_by_row_number(out, tmp_path):
     csv, _ = _collection(tmp_path, n=10, bad_row=3)
-    extra = {"data.kind": "manifest", "data.manifest.path": str(csv), "data.manifest.path_column": "file", "data.manifest.date_column": "taken"}
+    extra = {"data.kind": "manifest", "data.manifest.path": str(csv), "data.manifest.path_column": "file",
+             "data.manifest.date_column": "taken"}
     r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **extra)])
     assert r.returncode == 2
     assert f"error: {csv}: row 4: '19x0' is not a date" in r.stderr

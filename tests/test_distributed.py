@@ -64,7 +64,8 @@ def test_sync_batchnorm_no_ops_are_explained():
 @pytest.mark.slow
 def test_sync_batchnorm_two_cpu_processes_print_the_message_once(out):
     r = run_main(
-        ["--config", DEFAULT_CONFIG, *tiny(out, **{"experiment.name": "sbn", "model.sync_batchnorm": "true", "training.epochs": 1})],
+        ["--config", DEFAULT_CONFIG,
+         *tiny(out, **{"experiment.name": "sbn", "model.sync_batchnorm": "true", "training.epochs": 1})],
         launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())),
         timeout=120,
     )
@@ -143,11 +144,15 @@ def test_group_norm_one_vs_two_processes_follow_the_same_curve(tmp_path):
     common = {"model.norm": "group", "model.dropout": 0, "training.num_threads": 1, "training.epochs": 3,
               "training.early_stopping.enabled": "false", "data.synthetic.num_train": 192}
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = run_main(["--config", DEFAULT_CONFIG, *tiny(one, **common, **{"experiment.name": "p1", "data.batch_size": 32})],
+    r1 = run_main(["--config", DEFAULT_CONFIG,
+                   *tiny(one, **common, **{"experiment.name": "p1", "data.batch_size": 32})],
                   launcher=accelerate_launch("--num_processes", "1"), timeout=120)
     assert r1.returncode == 0, r1.stdout[-3000:] + r1.stderr[-3000:]
-    r2 = run_main(["--config", DEFAULT_CONFIG, *tiny(two, **common, **{"experiment.name": "p2", "data.batch_size": 16})],
-                  launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())), timeout=120)
+    r2 = run_main(["--config", DEFAULT_CONFIG,
+                   *tiny(two, **common, **{"experiment.name": "p2", "data.batch_size": 16})],
+                  launcher=accelerate_launch("--multi_gpu", "--num_processes", "2",
+                                             "--main_process_port", str(free_port())),
+                  timeout=120)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     s1, s2 = tb_scalars(one / "p1" / "tensorboard"), tb_scalars(two / "p2" / "tensorboard")
     for tag in ("train/loss", "val/loss", "val/rmse", "train/loss_step", "lr"):
@@ -175,7 +180,9 @@ def test_fsdp_config_is_read_by_accelerate():
     from conftest import ROOT
 
     path = ROOT / "accelerate_configs" / "fsdp.yaml"
-    assert path.read_text().startswith("# ") and "accelerate launch --config_file accelerate_configs/fsdp.yaml" in path.read_text()
+    assert path.read_text().startswith("# ") and (
+        "accelerate launch --config_file accelerate_configs/fsdp.yaml" in path.read_text()
+    )
     cfg = load_config_from_file(str(path))
     assert cfg.distributed_type == DistributedType.FSDP
     assert cfg.fsdp_config["fsdp_version"] == 2

@@ -13,7 +13,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import DEFAULT_CONFIG, accelerate_launch, free_port, run_main, tb_scalars, tiny, wandb_records, wandb_summary
+from conftest import (
+    DEFAULT_CONFIG,
+    accelerate_launch,
+    free_port,
+    run_main,
+    tb_scalars,
+    tiny,
+    wandb_records,
+    wandb_summary,
+)
 from train.config import ModelConfig
 from train.data import build_data
 from train.config import load_config
@@ -28,7 +37,8 @@ def _history(records: list[dict]) -> list[dict]:
 
 def test_single_process_with_wandb_offline(out):
     r = run_main(
-        ["--config", DEFAULT_CONFIG, *tiny(out, **{"training.epochs": 3, "logging.wandb.enabled": "true", "experiment.name": "e2e"})],
+        ["--config", DEFAULT_CONFIG,
+         *tiny(out, **{"training.epochs": 3, "logging.wandb.enabled": "true", "experiment.name": "e2e"})],
         launcher=accelerate_launch("--num_processes", "1"),
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

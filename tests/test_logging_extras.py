@@ -18,7 +18,14 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from conftest import DEFAULT_CONFIG, accelerate_launch, free_port, popen_main, run_main, tiny, wandb_records
 from train.config import ModelConfig, load_config
 from train.data import build_data
-from train.extras import Histogram, gradient_histograms, gradient_layers, gradient_norms, prediction_sample, prediction_values
+from train.extras import (
+    Histogram,
+    gradient_histograms,
+    gradient_layers,
+    gradient_norms,
+    prediction_sample,
+    prediction_values,
+)
 from train.models import build_model
 
 ALL_ON = {
@@ -32,7 +39,8 @@ ALL_ON = {
 
 
 def tensorboard(run_dir: Path) -> ea.EventAccumulator:
-    acc = ea.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0, ea.TENSORS: 0})
+    acc = ea.EventAccumulator(str(run_dir / "tensorboard"),
+                              size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0, ea.TENSORS: 0})
     acc.Reload()
     return acc
 
@@ -71,12 +79,14 @@ def test_gradient_norms_are_per_layer_unscaled_and_add_up_to_the_clipping_norm()
         p.grad *= 1024.0
     assert gradient_norms(layers, scale=1024.0) == pytest.approx(norms, rel=1e-5)
     scaled = gradient_histograms(layers, scale=1024.0)
-    assert all(np.allclose(scaled[k].edges, hist[k].edges, rtol=1e-5) and (scaled[k].counts == hist[k].counts).all() for k in hist)
+    assert all(np.allclose(scaled[k].edges, hist[k].edges, rtol=1e-5) and (scaled[k].counts == hist[k].counts).all()
+               for k in hist)
 
 
 def test_histogram_keeps_every_value_and_survives_constant_and_nonfinite_input():
     h = Histogram.of(torch.tensor([1.0, 2.0, 2.0, 3.0, float("nan")]), bins=4)
-    assert h.num == 4 and h.counts.sum() == 4 and h.min == 1.0 and h.max == 3.0 and h.sum == 8.0 and h.sum_squares == 18.0
+    assert (h.num == 4 and h.counts.sum() == 4 and h.min == 1.0 and h.max == 3.0
+            and h.sum == 8.0 and h.sum_squares == 18.0)
     c = Histogram.of(torch.full((5,), 7.0))
     assert c.counts.sum() == 5 and c.edges[0] < 7.0 < c.edges[-1]
 
@@ -91,7 +101,8 @@ def test_prediction_values_decades_worst_rows_and_the_fixed_sample():
     true = torch.tensor([1901.0, 1905.0, 1912.0, 1999.0])
     guess = torch.tensor([1903.0, 1905.0, 1900.0, 1999.5])
     mean, std = 1950.0, 40.0
-    v = prediction_values("val", Split(), (guess - mean) / std, (true - mean) / std, mean, std, np.array([0, 3]), worst_k=2)
+    v = prediction_values("val", Split(), (guess - mean) / std, (true - mean) / std, mean, std, np.array([0, 3]),
+                          worst_k=2)
     assert v["val/rmse_by_decade/1900s"] == pytest.approx(math.sqrt(2.0), rel=1e-5)  # errors 2 and 0
     assert v["val/rmse_by_decade/1910s"] == pytest.approx(12.0, rel=1e-5)
     assert v["val/rmse_by_decade/1990s"] == pytest.approx(0.5, rel=1e-5)
@@ -102,7 +113,8 @@ def test_prediction_values_decades_worst_rows_and_the_fixed_sample():
     assert "| val #2 | 1912.0 | 1900.0 | -12.0 |" == worst[4] and "| val #0 |" in worst[5] and len(worst) == 6
     assert v["val/residual_years"].num == 4
     # The same images every time, chosen from the seed alone.
-    assert (prediction_sample(1000, 32, 7) == prediction_sample(1000, 32, 7)).all() and len(set(prediction_sample(1000, 32, 7))) == 32
+    assert ((prediction_sample(1000, 32, 7) == prediction_sample(1000, 32, 7)).all()
+            and len(set(prediction_sample(1000, 32, 7))) == 32)
     assert len(prediction_sample(5, 32, 7)) == 5
 
 
@@ -116,9 +128,11 @@ def test_channels_last_gives_the_same_outputs():
 
 
 def test_an_unknown_compile_backend_is_a_config_error(out):
-    r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **{"training.compile": "true", "training.compile_backend": "inductr"})])
+    r = run_main(["--config", DEFAULT_CONFIG,
+                  *tiny(out, **{"training.compile": "true", "training.compile_backend": "inductr"})])
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "error: training.compile_backend='inductr' is not a torch.compile backend here; choose one of: " in r.stderr and "inductor" in r.stderr
+    assert ("error: training.compile_backend='inductr' is not a torch.compile backend here; choose one of: "
+            in r.stderr and "inductor" in r.stderr)
     assert not any(out.iterdir()), "nothing written"
 
 
@@ -165,7 +179,9 @@ def test_gradients_reach_both_trackers_and_are_histogrammed_once(all_on):
 
     history = wandb_history(run_dir)
     wb_total = {h["_step"]: h["grad_norm/total"] for h in history if "grad_norm/total" in h}
-    assert wb_total.keys() == tb_total.keys() and all(wb_total[s] == pytest.approx(tb_total[s], rel=1e-6) for s in tb_total)
+    assert wb_total.keys() == tb_total.keys() and all(
+        wb_total[s] == pytest.approx(tb_total[s], rel=1e-6) for s in tb_total
+    )
     wb_hist_steps = sorted(h["_step"] for h in history if "grad_hist/features.0.values" in h)
     assert wb_hist_steps == list(range(4, steps + 1, 4))
     # wandb.watch adds parameter histograms; with log_gradients on it must not histogram gradients again.
@@ -196,8 +212,10 @@ def test_predictions_reach_both_trackers_for_val_and_test(all_on):
     ids = [[r[0] for r in t["data"]] for t in tables]
     assert ids[0] == ids[1] and len(ids[0]) == 32, "the same images every time"
     # The thumbnails travel in a run_table artifact per logged table (W&B's way of storing table media).
-    arts = [r["artifact"] for r in wandb_records(run_dir) if r["type"] == "artifact" and r["artifact"]["type"] == "run_table"]
-    val_arts = [a["manifest"]["contents"] for a in arts if any(c["path"] == "val/predictions.table.json" for c in a["manifest"]["contents"])]
+    arts = [r["artifact"] for r in wandb_records(run_dir)
+            if r["type"] == "artifact" and r["artifact"]["type"] == "run_table"]
+    val_arts = [a["manifest"]["contents"] for a in arts
+                if any(c["path"] == "val/predictions.table.json" for c in a["manifest"]["contents"])]
     assert len(val_arts) == 2 and sum(c["path"].startswith("media/images/") for c in val_arts[0]) == 32
     staged = next(c["local_path"] for c in val_arts[0] if c["path"] == "val/predictions.table.json")
     assert all(r[1]["_type"] == "image-file" for r in json.loads(Path(staged).read_text())["data"])
@@ -215,7 +233,8 @@ def test_system_metrics_lr_groups_and_early_stopping_events(all_on):
     run_dir, console = all_on
     acc = tensorboard(run_dir)
     scalars = acc.Tags()["scalars"]
-    assert [e.step for e in acc.Scalars("system/rss_gb")] == [6, 12, 18] and acc.Scalars("system/rss_gb")[0].value > 0.05
+    assert ([e.step for e in acc.Scalars("system/rss_gb")] == [6, 12, 18]
+            and acc.Scalars("system/rss_gb")[0].value > 0.05)
     assert "system/cpu_percent" in scalars
     history = wandb_history(run_dir)
     assert not any(k.startswith("system/") for h in history for k in h), "W&B records its own system metrics"
@@ -253,7 +272,9 @@ def test_two_processes_log_predictions_in_dataset_order(out):
     overrides = tiny(out, **{"experiment.name": "two", "training.epochs": 1, "logging.wandb.enabled": "true",
                              "logging.log_predictions": "true", "model.norm": "group"})
     r = run_main(["--config", DEFAULT_CONFIG, *overrides],
-                 launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())), timeout=180)
+                 launcher=accelerate_launch("--multi_gpu", "--num_processes", "2",
+                                            "--main_process_port", str(free_port())),
+                 timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = out / "two"
     data = build_data(load_config(DEFAULT_CONFIG, overrides))
@@ -275,14 +296,16 @@ def test_compile_does_not_recompile_per_epoch_and_keeps_checkpoint_keys(out):
     """A smaller last batch and the switch to eval compile a few graphs in epoch 1; later epochs reuse them."""
     # aot_eager: dynamo's guards and recompilations without waiting for a C++ compiler.
     proc = popen_main(["--config", DEFAULT_CONFIG, *tiny(out, **{
-        "experiment.name": "c", "training.epochs": 3, "training.compile": "true", "training.compile_backend": "aot_eager",
-        "training.channels_last": "true", "data.synthetic.num_train": 200,
+        "experiment.name": "c", "training.epochs": 3, "training.compile": "true",
+        "training.compile_backend": "aot_eager", "training.channels_last": "true", "data.synthetic.num_train": 200,
     })], launcher=[sys.executable], TORCH_LOGS="recompiles")
     text = proc.communicate(timeout=240)[0]  # stdout and stderr in one stream, in order
     assert proc.returncode == 0, text[-3000:]
     first_epoch_done = text.index("Epoch [1/3] Results")
     assert 1 <= text[:first_epoch_done].count("Recompiling function") <= 4, text[:first_epoch_done][-3000:]
-    assert text[first_epoch_done:].count("Recompiling function") == 0, "epochs 2 and 3 (and the test split) reuse the graphs"
+    assert text[first_epoch_done:].count("Recompiling function") == 0, (
+        "epochs 2 and 3 (and the test split) reuse the graphs"
+    )
     from safetensors import safe_open
     from safetensors.torch import load_file
 

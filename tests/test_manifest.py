@@ -101,7 +101,8 @@ def test_renamed_columns_absolute_paths_and_image_root(tmp_path):
     moved = tmp_path / "elsewhere" / "m.csv"
     moved.parent.mkdir()
     moved.write_text("\n".join(text) + "\n")
-    d = build_data(_cfg(tmp_path, moved, **{"data.manifest.image_root": str(root), "data.manifest.split_column": "split"}))
+    d = build_data(_cfg(tmp_path, moved,
+                        **{"data.manifest.image_root": str(root), "data.manifest.split_column": "split"}))
     assert (len(d.train), len(d.val), len(d.test)) == (12, 4, 4)
     assert d.train.years[0] == pytest.approx(1901.5)  # a year alone is its middle
 
@@ -347,8 +348,8 @@ def test_read_manifest_rows_without_dates(tmp_path):
 
 
 def test_benchmark_script_runs_on_a_tiny_collection(tmp_path):
-    r = subprocess.run([sys.executable, "benchmarks/data.py", "--images", "40", "--image-size", "16", "--batch-size", "8",
-                        "--num-workers", "0", "--steps", "2", "--workdir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "benchmarks/data.py", "--images", "40", "--image-size", "16",
+                        "--batch-size", "8", "--num-workers", "0", "--steps", "2", "--workdir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "cached / decoding" in r.stdout and "cached / training step" in r.stdout

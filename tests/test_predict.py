@@ -46,7 +46,8 @@ def trained(tmp_path_factory):
     csv, root, lines = _collection(tmp)
     extra = {
         "data.kind": "manifest", "data.manifest.path": str(csv), "data.manifest.path_column": "file",
-        "data.manifest.image_root": str(root), "data.manifest.date_column": "taken", "data.manifest.split_column": "split", "data.image_size": 16,
+        "data.manifest.image_root": str(root), "data.manifest.date_column": "taken",
+        "data.manifest.split_column": "split", "data.image_size": 16,
         "data.cache": "true", "data.num_workers": 1, "experiment.name": "p", "data.augment.hflip": "true",
     }
     r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **extra)])
@@ -60,8 +61,9 @@ def test_round_trip_reproduces_the_logged_test_rmse(trained, capsys):
     test_csv = tmp / "test.csv"
     test_csv.write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.endswith(",test")]) + "\n")
     out_csv = tmp / "preds" / "test_preds.csv"
-    code = main(["--checkpoint", str(run_dir / "checkpoints" / "best.safetensors"), "--input", str(test_csv), "--output", str(out_csv),
-                 "--path-column", "file", "--date-column", "taken", "--image-root", str(root), "--batch-size", "3", "--no-progress"])
+    code = main(["--checkpoint", str(run_dir / "checkpoints" / "best.safetensors"), "--input", str(test_csv),
+                 "--output", str(out_csv), "--path-column", "file", "--date-column", "taken",
+                 "--image-root", str(root), "--batch-size", "3", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     rmse = float(printed.split("RMSE ")[1].split()[0])
@@ -86,8 +88,9 @@ def test_directory_input_and_wandb_artifact_directory(trained, tmp_path):
     assert len(r["names"]) == len(lines) - 1 and "sub/i0.png" in r["names"] and r["true"] is None
     # Subprocess: the command as users type it, without dates (no evaluation).
     out_csv = tmp_path / "p.csv"
-    p = subprocess.run([sys.executable, "-m", "train.predict", "--checkpoint", str(artifact), "--input", str(root), "--output", str(out_csv),
-                        "--device", "cpu"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "train.predict", "--checkpoint", str(artifact), "--input", str(root),
+                        "--output", str(out_csv), "--device", "cpu"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert out_csv.read_text().splitlines()[0] == "path,predicted_year,calendar_year" and "RMSE" not in p.stdout
 
@@ -102,15 +105,19 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
     _, run_dir, _, root, _ = trained
     best = str(run_dir / "checkpoints" / "best.safetensors")
     out = ["--output", str(tmp_path / "o.csv")]
-    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "nope.safetensors"), "--input", str(root)] + out, "not found")
+    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "nope.safetensors"), "--input", str(root)] + out,
+                            "not found")
     (tmp_path / "junk.safetensors").write_bytes(b"this is not safetensors")
-    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "junk.safetensors"), "--input", str(root)] + out, "not a readable safetensors")
+    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "junk.safetensors"), "--input", str(root)] + out,
+                            "not a readable safetensors")
     import torch
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
-    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "foreign.safetensors"), "--input", str(root)] + out, "no model metadata")
+    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "foreign.safetensors"), "--input", str(root)] + out,
+                            "no model metadata")
     (tmp_path / "empty").mkdir()
-    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "empty"), "--input", str(root)] + out, "no .safetensors file")
+    _expect_one_line_exit_2(capsys, ["--checkpoint", str(tmp_path / "empty"), "--input", str(root)] + out,
+                            "no .safetensors file")
     bad = tmp_path / "bad"
     bad.mkdir()
     Image.new("RGB", (9, 9)).save(bad / "ok.png")
@@ -119,5 +126,6 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
     _expect_one_line_exit_2(capsys, ["--checkpoint", best, "--input", str(bad)] + out, "2 of 3 image(s) cannot be read")
     assert not (tmp_path / "o.csv").exists()
     (tmp_path / "m.csv").write_text("path,date\nok.png,1950\nmissing.png,1951\nok.png,later\n")
-    _expect_one_line_exit_2(capsys, ["--checkpoint", best, "--input", str(tmp_path / "m.csv"), "--image-root", str(bad)] + out,
+    _expect_one_line_exit_2(capsys,
+                            ["--checkpoint", best, "--input", str(tmp_path / "m.csv"), "--image-root", str(bad)] + out,
                             "2 bad row(s)")

@@ -79,8 +79,10 @@ def test_kill_9_and_resume_is_bit_identical(straight, out, every_n_steps):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming run 'k'" in r.stdout
     assert_same_weights(final_weights(straight), final_weights(out / "k"))
-    assert load_file(str(straight / "checkpoints/best.safetensors")).keys() == load_file(str(out / "k/checkpoints/best.safetensors")).keys()
-    assert json.loads((out / "k/results.json").read_text())["test/rmse"] == json.loads((straight / "results.json").read_text())["test/rmse"]
+    assert (load_file(str(straight / "checkpoints/best.safetensors")).keys()
+            == load_file(str(out / "k/checkpoints/best.safetensors")).keys())
+    assert (json.loads((out / "k/results.json").read_text())["test/rmse"]
+            == json.loads((straight / "results.json").read_text())["test/rmse"])
     # TensorBoard continues the stream: one val/rmse point per epoch, no step repeated or going back.
     steps = [e.step for e in tb_scalars(out / "k/tensorboard")["val/rmse"]]
     assert steps == sorted(set(steps)) and len(steps) == 4
@@ -100,7 +102,8 @@ def test_sigterm_saves_resumes_same_wandb_run_and_is_exact(straight, out):
     assert s["exit_code"] == 3
     run_id = s["run_id"]
 
-    r = run_main(args(out, "t", **{"logging.wandb.enabled": "true", "checkpoint.every_n_steps": 6}) + ["--resume", "auto"])
+    r = run_main(args(out, "t", **{"logging.wandb.enabled": "true", "checkpoint.every_n_steps": 6})
+                 + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted((out / "t/wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), "W&B continues the same run id"
@@ -185,7 +188,8 @@ def test_bad_resume_paths(out, tmp_path, path, line):
 
 
 def test_max_time_stops_cleanly_with_a_state(out):
-    r = run_main(args(out, "mt", **{"data.synthetic.num_train": 4096, "training.epochs": 50, "training.max_time": "00:00:06"}))
+    r = run_main(args(out, "mt", **{"data.synthetic.num_train": 4096, "training.epochs": 50,
+                                    "training.max_time": "00:00:06"}))
     assert r.returncode == 3, r.stderr[-3000:]
     assert "training.max_time (00:00:06) nearly reached" in r.stderr
     state = newest_complete(out / "mt")
@@ -222,7 +226,8 @@ sys.exit(main(sys.argv[1:]))
 
 def run_injected(a: list[str], bad_call: int, extra: str = "") -> subprocess.CompletedProcess:
     script = INJECT.format(root=str(ROOT), bad_call=bad_call, extra=extra)
-    return subprocess.run([sys.executable, "-c", script, *a], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, "-c", script, *a], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=240)
 
 
 def test_nonfinite_loss_stop(out):
@@ -262,7 +267,8 @@ Accelerator.save_state = save_state
 """
     r = run_injected(args(out, "full"), bad_call=-1, extra=extra)
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "could not write the state" in r.stderr and "No space left on device" in r.stderr and "Traceback" not in r.stderr
+    assert ("could not write the state" in r.stderr and "No space left on device" in r.stderr
+            and "Traceback" not in r.stderr)
     states = list_states(out / "full")
     assert len(states) == 1 and verify(states[0]) is None, "the previous state is complete and loadable"
     assert not list((out / "full/checkpoints/state").glob(".tmp-*"))
@@ -270,7 +276,9 @@ Accelerator.save_state = save_state
 
 def test_secrets_are_redacted(out):
     key = "supersecretapikey0123456789"
-    r = run_main(args(out, "sec", **{"training.epochs": 1, "logging.wandb.enabled": "true", "logging.wandb.tags": f"[{key}]"}), WANDB_API_KEY=key, WANDB_MODE="offline")
+    r = run_main(args(out, "sec", **{"training.epochs": 1, "logging.wandb.enabled": "true",
+                                     "logging.wandb.tags": f"[{key}]"}),
+                 WANDB_API_KEY=key, WANDB_MODE="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     assert key not in (out / "sec/config.yaml").read_text()
     summary = wandb_summary(next((out / "sec/wandb").glob("offline-run-*")))
@@ -282,12 +290,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(out):
     # Only rank 1 gets the signal: the ranks agree at the next log step, save one state, exit 3.
     from conftest import accelerate_launch, free_port
 
-    cmd = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())) + [MAIN] + args(
-        out, "two", **{"training.epochs": 20, "checkpoint.every_n_epochs": 1}
-    )
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = (accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()))
+           + [MAIN] + args(out, "two", **{"training.epochs": 20, "checkpoint.every_n_epochs": 1}))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     wait_for_state(out / "two", proc)
-    children = subprocess.run(["pgrep", "-f", f"{MAIN}.*experiment.name=two"], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(["pgrep", "-f", f"{MAIN}.*experiment.name=two"],
+                              capture_output=True, text=True).stdout.split()
     def rank(pid: str) -> str | None:
         items = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
         return dict(i.split("=", 1) for i in items if "=" in i).get("RANK")
@@ -297,7 +306,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(out):
     os.kill(workers[0], signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0  # the launcher reports the workers' exit code 3 as a failure
-    assert stderr.count("Stopped: ") == 1 and "signal to another process received; full state saved" in stderr, stderr[-3000:]
+    assert stderr.count("Stopped: ") == 1 and "signal to another process received; full state saved" in stderr, (
+        stderr[-3000:]
+    )
     state = newest_complete(out / "two")
     assert verify(state) is None and read_progress(state).num_processes == 2
     assert not (out / "two/results.json").exists()

@@ -22,7 +22,8 @@ SWEEP_FILE = ROOT / "configs" / "sweep.yml"
 # Small trials: a few seconds each through `accelerate launch`.
 TINY = [
     "data.synthetic.num_train=96", "data.synthetic.num_val=40", "data.synthetic.num_test=32", "data.batch_size=32",
-    "data.eval_batch_size=32", "model.channels=[8]", "model.hidden=8", "training.epochs=1", "logging.progress_bar=false",
+    "data.eval_batch_size=32", "model.channels=[8]", "model.hidden=8", "training.epochs=1",
+    "logging.progress_bar=false",
 ]
 
 
@@ -47,7 +48,9 @@ def test_sweep_file_validates_against_the_config_schema():
     assert set(spec["parameters"]) <= config_keys(), "every parameter is a real dotted config key"
     assert spec["metric"] == {"name": "val/rmse", "goal": "minimize"}
     assert spec["program"] == "train/main.py"
-    assert spec["command"] == ["accelerate", "launch", "${program}", "--config", "configs/model_config.yml", "${args_no_hyphens}"]
+    assert spec["command"] == [
+        "accelerate", "launch", "${program}", "--config", "configs/model_config.yml", "${args_no_hyphens}"
+    ]
 
 
 def test_bad_sweep_files_list_every_problem(tmp_path):
@@ -95,7 +98,8 @@ def test_trials_are_reproducible_and_grow_without_changing():
     assert make_trials(spec, 5, seed=4) != five
     lr = spec["parameters"]["training.optimizer.lr"]
     assert all(lr["min"] <= t["training.optimizer.lr"] <= lr["max"] for t in eight)
-    grid = {**spec, "method": "grid", "parameters": {"model.dropout": {"values": [0.0, 0.1]}, "data.batch_size": {"values": [32, 64]}}}
+    grid = {**spec, "method": "grid",
+            "parameters": {"model.dropout": {"values": [0.0, 0.1]}, "data.batch_size": {"values": [32, 64]}}}
     assert make_trials(grid, None, 0) == [
         {"model.dropout": 0.0, "data.batch_size": 32}, {"model.dropout": 0.0, "data.batch_size": 64},
         {"model.dropout": 0.1, "data.batch_size": 32}, {"model.dropout": 0.1, "data.batch_size": 64},
@@ -110,7 +114,8 @@ def test_trials_are_reproducible_and_grow_without_changing():
 @pytest.mark.slow
 def test_offline_sweep_survives_a_failing_trial_and_writes_a_leaderboard(tmp_path):
     # fp16 passes the schema but the trainer refuses it on a CPU at run time: trial s-002 fails.
-    f = _sweep_file(tmp_path, "  training.mixed_precision: {values: [null, fp16]}\n  training.optimizer.lr: {values: [1.0e-3, 3.0e-3]}\n")
+    f = _sweep_file(tmp_path, "  training.mixed_precision: {values: [null, fp16]}\n"
+                              "  training.optimizer.lr: {values: [1.0e-3, 3.0e-3]}\n")
     out = tmp_path / "runs"
     r = run_sweep_cli([str(f), "--max-runs", "3", "--output-dir", str(out), *TINY, "logging.wandb.enabled=true"])
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # 1: some trial failed
@@ -202,7 +207,8 @@ def test_trial_under_a_wandb_agent_logs_to_wandb_with_typed_swept_keys(tmp_path)
     out = tmp_path / "runs"
     overrides = [f"experiment.output_dir={out}", "experiment.name=agent-trial", *TINY,
                  "training.optimizer.lr=1e-05", "training.max_grad_norm=None", "logging.tensorboard=True"]
-    r = run_main(["--config", DEFAULT_CONFIG, *overrides], timeout=120, WANDB_SWEEP_ID="abc123", WANDB_PROJECT="MoK_date_predict")
+    r = run_main(["--config", DEFAULT_CONFIG, *overrides], timeout=120,
+                 WANDB_SWEEP_ID="abc123", WANDB_PROJECT="MoK_date_predict")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     offline = list((out / "agent-trial" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1

@@ -52,7 +52,8 @@ def test_bf16_on_cpu_really_computes_in_bf16():
 
 
 def test_bf16_run_end_to_end(out):
-    r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **{"training.epochs": 1, "training.mixed_precision": "bf16", "experiment.name": "bf"})])
+    r = run_main(["--config", DEFAULT_CONFIG,
+                  *tiny(out, **{"training.epochs": 1, "training.mixed_precision": "bf16", "experiment.name": "bf"})])
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "bf" / "results.json").read_text())["mixed_precision"] == "bf16"
 
@@ -101,7 +102,8 @@ def test_a_failing_run_ends_failed_in_wandb_and_closes_tensorboard(out):
     import subprocess
 
     args = ["--config", DEFAULT_CONFIG, *tiny(out, **{"logging.wandb.enabled": "true", "experiment.name": "fail"})]
-    r = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    r = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=240)
     assert r.returncode != 0 and "simulated failure" in r.stderr
     offline = list((out / "fail" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
@@ -119,7 +121,8 @@ def test_plateau_scheduler_steps_once_per_epoch_with_two_processes(out):
         "training.early_stopping.mode": "max", "training.early_stopping.enabled": "false", "experiment.name": "plateau",
     }
     r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **extra)],
-                 launcher=accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())))
+                 launcher=accelerate_launch("--multi_gpu", "--num_processes", "2",
+                                            "--main_process_port", str(free_port())))
     assert r.returncode == 0, r.stderr[-3000:]
     epoch_steps = {e.step for e in tb_scalars(out / "plateau" / "tensorboard")["epoch"]}
     lrs = [e.value for e in tb_scalars(out / "plateau" / "tensorboard")["lr"] if e.step in epoch_steps]
