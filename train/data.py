@@ -26,7 +26,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -115,7 +114,8 @@ class ManifestImages(DatedImages):
             return decode_image(self.paths[i], self.size)
         except Exception as e:  # noqa: BLE001 - a file changed after the startup check
             # UserError survives the trip from a DataLoader worker (rebuilt from its message).
-            raise UserError(f"image '{self.paths[i]}' can no longer be decoded ({e}); it changed after startup") from None
+            raise UserError(f"image '{self.paths[i]}' can no longer be decoded ({e}); "
+                            "it changed after startup") from None
 
 
 class CachedImages(DatedImages):
@@ -326,7 +326,8 @@ def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str
             needed = [c for c in (path_column, date_column, split_column, group_column) if c]
             missing = [c for c in needed if c not in columns]
             if missing:
-                raise UserError(f"{csv_path}: column(s) {missing} not found; the header has {columns} (set data.manifest.*_column)")
+                raise UserError(f"{csv_path}: column(s) {missing} not found; the header has {columns} "
+                                "(set data.manifest.*_column)")
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e})") from None
@@ -440,7 +441,8 @@ def decode_all(paths: list[Path], size: int, num_workers: int, desc: str, show_b
             bar.update(len(batch[0]) + len(batch[2]))
 
 
-def scan_images(paths: list[Path], size: int, num_workers: int, show_bar: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+def scan_images(paths: list[Path], size: int, num_workers: int,
+                show_bar: bool = False) -> tuple[np.ndarray, dict[int, str]]:
     """Decode every image once (no cache): per-image channel stats ``[N, 6]`` and ``{index: error}``.
 
     The stats serve the pixel normalization and the colour baseline, so this check pass is not extra
@@ -466,7 +468,8 @@ def cache_key(csv_path: Path, paths: list[Path], size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, num_workers: int, show_bar: bool) -> None:
+def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, num_workers: int,
+                 show_bar: bool) -> None:
     """Decode everything into ``array_file``, then write ``marker`` (the decode errors), each
     atomically. Readers trust only a cache whose marker exists."""
     errors: dict[int, str] = {}
@@ -478,7 +481,8 @@ def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, n
             errors.update(errs)
         arr.flush()
         del arr
-    payload = {"format": _CACHE_FORMAT, "count": len(paths), "image_size": size, "errors": {str(k): v for k, v in errors.items()}}
+    payload = {"format": _CACHE_FORMAT, "count": len(paths), "image_size": size,
+               "errors": {str(k): v for k, v in errors.items()}}
     atomic_write_bytes(marker, json.dumps(payload).encode())
 
 
@@ -509,7 +513,8 @@ def ensure_cache(paths: list[Path], size: int, cache_dir: Path, key: str, builde
         next_note = 60.0
         while not marker.is_file():
             if failed.is_file():
-                raise UserError(f"building the image cache in '{cache_dir}' failed on this machine's main process: {failed.read_text()}")
+                raise UserError(f"building the image cache in '{cache_dir}' failed on this machine's main process: "
+                                f"{failed.read_text()}")
             if time.monotonic() - t0 > next_note:
                 print(f"waiting for the image cache in '{cache_dir}' ({next_note:.0f} s so far)", file=sys.stderr)
                 next_note += 300.0
@@ -542,7 +547,8 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
     ``main``: this process prints the skipped-rows note."""
     d, m, seed = cfg.data, cfg.data.manifest, cfg.experiment.seed
     if not m.path or not Path(m.path).is_file():
-        raise UserError(f"data.manifest.path: '{m.path}' not found (a CSV with columns '{m.path_column}' and '{m.date_column}')")
+        raise UserError(f"data.manifest.path: '{m.path}' not found "
+                        f"(a CSV with columns '{m.path_column}' and '{m.date_column}')")
     rows = read_manifest_rows(Path(m.path), Path(m.image_root) if m.image_root else None, m.path_column, m.date_column,
                               m.split_column, m.group_column)
     csv_path, problems = rows.csv_path, dict(rows.problems)
@@ -557,7 +563,8 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
             cache_file, errors = ensure_cache(rows.paths, d.image_size, cache_dir, key, builder=local_main,
                                               num_workers=d.num_workers, show_bar=show_bar)
         except OSError as e:
-            raise UserError(f"data.cache_dir: cannot write the image cache in '{cache_dir}' ({e.strerror or e}); set data.cache_dir") from None
+            raise UserError(f"data.cache_dir: cannot write the image cache in '{cache_dir}' ({e.strerror or e}); "
+                            "set data.cache_dir") from None
     else:
         stats, errors = scan_images(rows.paths, d.image_size, d.num_workers, show_bar)
     for i, err in errors.items():
@@ -567,7 +574,8 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
         raise UserError(bad_row_lines(csv_path, problems, "fix or remove them, or set data.on_bad_row=skip"))
     skipped = bad_row_lines(csv_path, problems, "all skipped") if problems else []
     if problems and main:
-        print(f"note: skipped {len(problems)} bad row(s) of {csv_path} (data.on_bad_row=skip); first: {skipped[0]}", file=sys.stderr)
+        print(f"note: skipped {len(problems)} bad row(s) of {csv_path} (data.on_bad_row=skip); "
+              f"first: {skipped[0]}", file=sys.stderr)
     good = np.asarray([i for i in range(len(rows.paths)) if i not in errors], dtype=np.int64)
     if len(good) == 0:
         raise UserError(f"{csv_path}: no usable rows")
@@ -583,7 +591,8 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
         idx = [good[ix] for ix in split_rows(keys, m.val_fraction, m.test_fraction, seed)]
     for name, ix in zip(("train", "val", "test"), idx):
         if len(ix) == 0:
-            raise UserError(f"{csv_path}: the {name} split is empty ({len(good)} usable rows); add rows or change the split")
+            raise UserError(f"{csv_path}: the {name} split is empty ({len(good)} usable rows); "
+                            "add rows or change the split")
 
     datasets = []
     for ix in idx:
@@ -607,7 +616,8 @@ def _check_groups_do_not_straddle(csv_path: Path, rows: ManifestRows, idx: list[
     mixed = [g for g, s in where.items() if len(s) > 1]
     if mixed:
         shown = ", ".join(f"'{g}' ({'/'.join(sorted(where[g]))})" for g in mixed[:5])
-        raise UserError(f"{csv_path}: {len(mixed)} group(s) of data.manifest.group_column appear in several splits of the split column: {shown}")
+        raise UserError(f"{csv_path}: {len(mixed)} group(s) of data.manifest.group_column appear in several splits "
+                        f"of the split column: {shown}")
 
 
 def _make_synthetic(cfg: DataConfig, seed: int):

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--restart", action="store_true",
         help="the run directory exists: move it aside to <name>.set-aside-<time> (never deleted) and start again",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.optimizer.lr=1e-3")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. training.optimizer.lr=1e-3")
     # Options and overrides may come in any order (`--resume auto training.epochs=3` too).
     args, unknown = parser.parse_known_intermixed_args(argv)
     # W&B sweep agents may pass --key=value (its ${args}); accept those as overrides too.

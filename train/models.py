@@ -86,7 +86,9 @@ class SmallResNet(nn.Module):
     def __init__(self, channels: list[int], hidden: int, dropout: float, norm: str, in_channels: int = 3):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False), _norm(norm, channels[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False),
+            _norm(norm, channels[0]),
+            nn.ReLU(inplace=True),
         )
         stages = []
         c_in = channels[0]
@@ -115,7 +117,8 @@ def build_model(cfg: "ModelConfig") -> nn.Module:
     return MODELS[cfg.name](channels=list(cfg.channels), hidden=cfg.hidden, dropout=cfg.dropout, norm=cfg.norm)
 
 
-def maybe_sync_batchnorm(model: nn.Module, cfg: "ModelConfig", num_processes: int, use_cpu: bool) -> tuple[nn.Module, str | None]:
+def maybe_sync_batchnorm(model: nn.Module, cfg: "ModelConfig", num_processes: int,
+                         use_cpu: bool) -> tuple[nn.Module, str | None]:
     """Apply ``model.sync_batchnorm``: return ``(model, message or None)``.
 
     Call it right after ``build_model`` and before ``accelerator.prepare`` (DDP must wrap the converted
@@ -133,14 +136,15 @@ def maybe_sync_batchnorm(model: nn.Module, cfg: "ModelConfig", num_processes: in
         return model, None
     n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if n_bn == 0:
-        return model, f"note: model.sync_batchnorm=true has no effect: the model has no BatchNorm layers (model.norm={cfg.norm})"
+        return model, ("note: model.sync_batchnorm=true has no effect: the model has no BatchNorm layers "
+                       f"(model.norm={cfg.norm})")
     if num_processes <= 1:
         return model, "note: model.sync_batchnorm=true has no effect with one process (its batch is the whole batch)"
     if use_cpu:
         return model, (
             f"warning: model.sync_batchnorm=true is ignored on the CPU: PyTorch's SyncBatchNorm works only on GPUs. "
-            f"Keeping plain BatchNorm: each of the {num_processes} processes normalizes over its own batch of data.batch_size "
-            f"images. For statistics that do not depend on the process count use model.norm=group."
+            f"Keeping plain BatchNorm: each of the {num_processes} processes normalizes over its own batch of "
+            f"data.batch_size images. For statistics that do not depend on the process count use model.norm=group."
         )
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, (f"model.sync_batchnorm: converted {n_bn} BatchNorm layers to SyncBatchNorm "

@@ -62,11 +62,14 @@ def prediction_values(split: str, dataset, pred: torch.Tensor, y: torch.Tensor, 
     rows = []
     for i in sample:
         img = dataset.raw(int(i)).numpy().transpose(1, 2, 0)  # uint8 HxWx3
-        rows.append([name(int(i)), img, round(float(true[i]), 2), round(float(guess[i]), 2), round(float(abs(err[i])), 2)])
-    values[f"{split}/predictions"] = WandbTable(["image_id", "image", "true_year", "pred_year", "abs_error_years"], rows)
+        rows.append([name(int(i)), img, round(float(true[i]), 2), round(float(guess[i]), 2),
+                     round(float(abs(err[i])), 2)])
+    values[f"{split}/predictions"] = WandbTable(["image_id", "image", "true_year", "pred_year", "abs_error_years"],
+                                                rows)
 
     worst = np.argsort(-np.abs(err))[:worst_k]
-    lines = [f"Worst {len(worst)} of {len(err)} {split} predictions (years)", "", "| image | true | predicted | error |", "|---|---:|---:|---:|"]
+    lines = [f"Worst {len(worst)} of {len(err)} {split} predictions (years)", "",
+             "| image | true | predicted | error |", "|---|---:|---:|---:|"]
     lines += [f"| {name(int(i))} | {true[i]:.1f} | {guess[i]:.1f} | {err[i]:+.1f} |" for i in worst]
     values[f"{split}/worst_predictions"] = Markdown("\n".join(lines))
     return values
@@ -154,7 +157,8 @@ class SystemMetrics:
 
     def read(self) -> dict[str, float]:
         gb = 1024**3
-        out = {"system/rss_gb": self.process.memory_info().rss / gb, "system/cpu_percent": self.process.cpu_percent(None)}
+        out = {"system/rss_gb": self.process.memory_info().rss / gb,
+               "system/cpu_percent": self.process.cpu_percent(None)}
         if self.device.type == "cuda":
             out["system/cuda_allocated_gb"] = torch.cuda.memory_allocated(self.device) / gb
             out["system/cuda_reserved_gb"] = torch.cuda.memory_reserved(self.device) / gb
@@ -200,7 +204,8 @@ class OptionalLogs:
 
     def after_validation(self, val: dict, epoch: int, last: bool, step: int) -> None:
         lg = self.cfg.logging
-        if lg.log_predictions and (epoch % lg.predictions_every_n_epochs == 0 or last) and self.accelerator.is_main_process:
+        if (lg.log_predictions and (epoch % lg.predictions_every_n_epochs == 0 or last)
+                and self.accelerator.is_main_process):
             self._predictions("val", self.data.val, val, self.val_sample, step)
         if self.system is not None:
             # TensorBoard only: W&B already samples the same things in its own System tab.
@@ -212,5 +217,6 @@ class OptionalLogs:
 
     def _predictions(self, split: str, dataset, out: dict, sample: np.ndarray, step: int) -> None:
         d = self.data
-        values = prediction_values(split, dataset, out["pred"], out["y"], d.target_mean, d.target_std, sample, WORST_ROWS)
+        values = prediction_values(split, dataset, out["pred"], out["y"], d.target_mean, d.target_std, sample,
+                                   WORST_ROWS)
         log_rich(self.accelerator, values, step=step)

@@ -48,7 +48,8 @@ def find_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         found = sorted(p.glob("*.safetensors")) or sorted(p.rglob("*.safetensors"))
         if len(found) != 1:
-            what = "no .safetensors file" if not found else f"{len(found)} .safetensors files ({', '.join(f.name for f in found[:4])})"
+            what = ("no .safetensors file" if not found
+                    else f"{len(found)} .safetensors files ({', '.join(f.name for f in found[:4])})")
             raise UserError(f"checkpoint directory '{p}' holds {what}; pass the file itself")
         return found[0]
     if not p.is_file():
@@ -70,7 +71,8 @@ def list_inputs(input_path: str | Path, path_column: str = "path", date_column: 
     if p.suffix.lower() != ".csv":
         raise UserError(f"input '{p}' is neither a directory nor a .csv file")
     has_dates = date_column in csv_header(p)
-    rows = read_manifest_rows(p, Path(image_root) if image_root else None, path_column, date_column if has_dates else None)
+    rows = read_manifest_rows(p, Path(image_root) if image_root else None, path_column,
+                              date_column if has_dates else None)
     if rows.problems:
         first = bad_row_lines(p, rows.problems, "")[0]
         raise UserError(f"{len(rows.problems)} bad row(s) in '{p}'; first: {first}")
@@ -96,8 +98,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def predict(checkpoint: str | Path, input_path: str | Path, batch_size: int = 64, device: str = "auto", num_workers: int = 0,
-            path_column: str = "path", date_column: str = "date", image_root: str | None = None,
+def predict(checkpoint: str | Path, input_path: str | Path, batch_size: int = 64, device: str = "auto",
+            num_workers: int = 0, path_column: str = "path", date_column: str = "date", image_root: str | None = None,
             progress: bool = True) -> dict:
     """Predict every input image; return ``{"names", "predicted" (years), "true" (or None), "metrics"}``.
 
@@ -110,7 +112,8 @@ def predict(checkpoint: str | Path, input_path: str | Path, batch_size: int = 64
     model.to(dev)
     predicted = np.full(len(files), np.nan)
     errors: dict[int, str] = {}
-    for idx, imgs, errs in decode_all(files, meta.image_size, num_workers, "Predicting", progress, batch_size=batch_size):
+    for idx, imgs, errs in decode_all(files, meta.image_size, num_workers, "Predicting", progress,
+                                      batch_size=batch_size):
         if idx:
             predicted[idx] = predict_years(model, meta, imgs.to(dev, non_blocking=True)).view(-1).numpy()
         errors.update(errs)
@@ -128,7 +131,8 @@ def write_csv(path: str | Path, result: dict) -> None:
         w = csv.writer(f)
         w.writerow(["path", "predicted_year", "calendar_year"] + (["true_year"] if result["true"] is not None else []))
         for i, (name, y) in enumerate(zip(result["names"], result["predicted"])):
-            w.writerow([name, f"{y:.6f}", math.floor(y)] + ([f"{result['true'][i]:.6f}"] if result["true"] is not None else []))
+            w.writerow([name, f"{y:.6f}", math.floor(y)]
+                       + ([f"{result['true'][i]:.6f}"] if result["true"] is not None else []))
 
 
 def format_metrics(m: dict) -> str:
@@ -140,16 +144,21 @@ def format_metrics(m: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.predict", description="Predict the date (decimal year) of images with a trained checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="best.safetensors, or a W&B artifact directory holding one .safetensors file")
+    parser = argparse.ArgumentParser(prog="python -m train.predict",
+                                     description="Predict the date (decimal year) of images with a trained checkpoint.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="best.safetensors, or a W&B artifact directory holding one .safetensors file")
     parser.add_argument("--input", required=True, help="an image directory (recursive) or a CSV manifest")
     parser.add_argument("--output", required=True, help="CSV to write: path, predicted_year, calendar_year")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="default: CUDA when available")
     parser.add_argument("--num-workers", type=int, default=0, help="decoding worker processes (default: %(default)s)")
     parser.add_argument("--path-column", default="path", help="CSV column with the image path (default: %(default)s)")
-    parser.add_argument("--date-column", default="date", help="CSV column with the date; if present, also evaluate (default: %(default)s)")
-    parser.add_argument("--image-root", default=None, help="directory relative CSV paths start from (default: the CSV's directory)")
+    parser.add_argument("--date-column", default="date",
+                        help="CSV column with the date; if present, also evaluate (default: %(default)s)")
+    parser.add_argument("--image-root", default=None,
+                        help="directory relative CSV paths start from (default: the CSV's directory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:

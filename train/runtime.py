@@ -78,7 +78,8 @@ def resolve_config(cfg: Config, name: str, rt: Runtime) -> Config:
         lg.wandb.enabled = True
     if rt.fsdp and (lg.log_gradients or lg.wandb.watch_model):
         # Sharded gradients: the main process alone would read its shard (or wait on a collective).
-        rt.say("warning: logging.log_gradients and logging.wandb.watch_model are ignored under FSDP (sharded gradients)")
+        rt.say("warning: logging.log_gradients and logging.wandb.watch_model are ignored under FSDP "
+               "(sharded gradients)")
         lg.log_gradients, lg.wandb.watch_model = False, False
     check_wandb(cfg)
     return cfg

@@ -50,7 +50,8 @@ class StopSignals:
         if self.received and name == "SIGINT":
             raise KeyboardInterrupt  # second Ctrl-C: abort now, without saving
         if not self.received:
-            print(f"\n{name} received: finishing this step, saving a full state, then exiting ({EXIT_STOPPED})", flush=True)
+            print(f"\n{name} received: finishing this step, saving a full state, then exiting ({EXIT_STOPPED})",
+                  flush=True)
         self.received = self.received or name
 
 

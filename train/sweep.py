@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Keys the sweep itself sets for every trial; a sweep parameter must not fight over them.
 MANAGED_KEYS = ("experiment.name", "experiment.output_dir", "logging.wandb.group")
 METHODS = ("grid", "random", "bayes")
-DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "log_uniform_values", "q_uniform", "q_log_uniform_values")
+DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "log_uniform_values", "q_uniform",
+                 "q_log_uniform_values")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,11 +138,13 @@ def check_sweep(spec: Any, fixed: list[str] = (), root: Path = ROOT) -> list[str
             problems.append(f"parameter '{key}' is set by the sweep for every trial and cannot be swept")
             continue
         if not isinstance(p, dict) or not ({"value", "values", "min", "max"} & set(p)):
-            problems.append(f"parameter '{key}': needs value, values or min/max (W&B sweep format; nested 'parameters' are not used here)")
+            problems.append(f"parameter '{key}': needs value, values or min/max "
+                            "(W&B sweep format; nested 'parameters' are not used here)")
             continue
         dist = p.get("distribution")
         if dist is not None and dist not in DISTRIBUTIONS:
-            problems.append(f"parameter '{key}': distribution {dist!r} is not supported offline (use one of {', '.join(DISTRIBUTIONS)})")
+            problems.append(f"parameter '{key}': distribution {dist!r} is not supported offline "
+                            f"(use one of {', '.join(DISTRIBUTIONS)})")
         if spec.get("method") == "grid" and not ({"value", "values"} & set(p)):
             problems.append(f"parameter '{key}': a grid needs value or values, not a range")
         for v in candidate_values(p):
@@ -290,7 +293,8 @@ def write_leaderboard(sweep_dir: Path, state: dict) -> list[dict]:
     def cell(v):
         return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
-    md = [f"# Sweep {state['name']}: {metric} ({goal})", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md = [f"# Sweep {state['name']}: {metric} ({goal})", "", "| " + " | ".join(columns) + " |",
+          "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     atomic_write_text(sweep_dir / "leaderboard.md", "\n".join(md) + "\n")
     return rows
@@ -348,7 +352,8 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
     # What defines the trials: continuing with a different file, seed or fixed overrides would mix
     # two different sweeps in one leaderboard.
     fingerprint = hashlib.sha256(json.dumps(
-        {"method": spec["method"], "parameters": spec["parameters"], "command": spec["command"], "seed": seed, "fixed": fixed},
+        {"method": spec["method"], "parameters": spec["parameters"], "command": spec["command"], "seed": seed,
+         "fixed": fixed},
         sort_keys=True, default=str).encode()).hexdigest()[:16]
     state_file = sweep_dir / "sweep_state.json"
     if state_file.is_file():
@@ -358,17 +363,20 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
                 f"{sweep_dir} holds a different sweep (other parameters, seed or fixed overrides); "
                 f"continue it with the same command, or pass --name to start a new sweep")
         known = {t["name"] for t in state["trials"]}
-        print(f"Continuing sweep {sweep_name}: {sum(t['status'] == 'done' for t in state['trials'])} of {len(state['trials'])} trials done")
+        print(f"Continuing sweep {sweep_name}: {sum(t['status'] == 'done' for t in state['trials'])} "
+              f"of {len(state['trials'])} trials done")
     else:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state = {"name": sweep_name, "sweep_file": str(sweep_file), "fingerprint": fingerprint, "seed": seed,
-                 "method": spec["method"], "metric": spec["metric"]["name"], "goal": spec["metric"].get("goal", "minimize"),
-                 "parameters": list(spec["parameters"]), "base_config": base_config_path(spec), "fixed": fixed, "trials": []}
+                 "method": spec["method"], "metric": spec["metric"]["name"],
+                 "goal": spec["metric"].get("goal", "minimize"), "parameters": list(spec["parameters"]),
+                 "base_config": base_config_path(spec), "fixed": fixed, "trials": []}
         known = set()
     for i, params in enumerate(trials):
         trial = f"{sweep_name}-{i:03d}"
         if trial not in known:
-            state["trials"].append({"name": trial, "params": params, "status": "pending", "returncode": None, "attempts": 0})
+            state["trials"].append({"name": trial, "params": params, "status": "pending", "returncode": None,
+                                    "attempts": 0})
     write_sweep_state(sweep_dir, state)
     (sweep_dir / "logs").mkdir(exist_ok=True)
     if spec["method"] == "bayes":
@@ -424,7 +432,8 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
     write_sweep_state(sweep_dir, state)
     rows = write_leaderboard(sweep_dir, state)
     done = [t for t in state["trials"][: len(trials)] if t["status"] == "done"]
-    print(f"\nSweep {sweep_name}: {len(done)} of {len(trials)} trials finished. Leaderboard: {sweep_dir / 'leaderboard.md'}")
+    print(f"\nSweep {sweep_name}: {len(done)} of {len(trials)} trials finished. "
+          f"Leaderboard: {sweep_dir / 'leaderboard.md'}")
     print((sweep_dir / "leaderboard.md").read_text())
     print(f"Compare the trials: tensorboard --logdir {sweep_dir}")
     return 0 if len(done) == len(trials) else 1
@@ -434,14 +443,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.sweep",
                                 description="Run a W&B-format sweep file offline, one `accelerate launch` per trial.")
     p.add_argument("sweep_file", help="sweep YAML in W&B's format, e.g. configs/sweep.yml")
-    p.add_argument("--max-runs", type=int, default=None, help="trials in the sweep (required for random/bayes; cuts a grid)")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="trials in the sweep (required for random/bayes; cuts a grid)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random trial draws (default: %(default)s)")
-    p.add_argument("--name", default=None, help="sweep name = directory and W&B group (default: the file's name: key, else its stem)")
-    p.add_argument("--output-dir", default=None, help="parent of the sweep directory (default: the base config's experiment.output_dir)")
-    p.add_argument("--launch-args", default="", help='flags for accelerate launch, e.g. "--multi_gpu --num_processes 4"')
+    p.add_argument("--name", default=None,
+                   help="sweep name = directory and W&B group (default: the file's name: key, else its stem)")
+    p.add_argument("--output-dir", default=None,
+                   help="parent of the sweep directory (default: the base config's experiment.output_dir)")
+    p.add_argument("--launch-args", default="",
+                   help='flags for accelerate launch, e.g. "--multi_gpu --num_processes 4"')
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again when continuing")
     p.add_argument("--check", action="store_true", help="validate the sweep file and print the trials; run nothing")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="fixed overrides for every trial, e.g. training.epochs=3")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="fixed overrides for every trial, e.g. training.epochs=3")
     return p.parse_intermixed_args(argv)
 
 

@@ -44,7 +44,8 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 def make_synthetic(
     n: int, image_size: int, seed: int, year_min: float = 1850.0, year_max: float = 2020.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images, years): images uint8 of shape [n, 3, image_size, image_size] (channels first), years float64 [n] decimal years."""
+    """Return (images, years): images uint8 of shape [n, 3, image_size, image_size] (channels first),
+    years float64 [n] decimal years."""
     if n < 0 or image_size < 4 or not year_max >= year_min:
         raise ValueError("need n >= 0, image_size >= 4 and year_max >= year_min")
     images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)

@@ -155,7 +155,8 @@ class RunTensorBoard(GeneralTracker):
 
         status = Status.Value("STATUS_SUCCESS" if self.exit_code == 0 else "STATUS_FAILURE")
         content = HParamsPluginData(session_end_info=SessionEndInfo(status=status), version=PLUGIN_DATA_VERSION)
-        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content.SerializeToString()))
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME,
+                                                                          content=content.SerializeToString()))
         self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)]))
         self.writer.close()
 
