@@ -56,7 +56,8 @@ def generate(root: Path, n: int, source_size: int, seed: int = 0) -> Path:
 def loader_rate(cfg, data, repeats: int = 3) -> float:
     """Images/s of a pass over the train loader, the loader alone; the best of ``repeats`` epochs
     (a shared machine's other load only ever slows a pass down)."""
-    train, _, _, sampler = make_loaders(cfg, data)
+    train, _, _ = make_loaders(cfg, data)
+    sampler = train.sampler
     best = 0.0
     for epoch in range(1, repeats + 1):
         sampler.set_epoch(epoch)

@@ -165,14 +165,14 @@ def build_everything(cfg: Config):
     from accelerate.utils import set_seed
 
     from train.data import build_data, make_loaders
-    from train.loop import build_loss
+    from train.optim import build_loss
     from train.models import build_model
 
     torch.set_num_threads(cfg.training.num_threads)
     data = build_data(cfg)
-    train_loader, val_loader, _, sampler = make_loaders(cfg, data)
-    # As in train(): the loader's own generator keeps the global stream (dropout) untouched.
-    train_loader.generator = torch.Generator().manual_seed(cfg.experiment.seed)
+    # As in train(): the loader has its own generator, which keeps the global stream (dropout) untouched.
+    train_loader, val_loader, _ = make_loaders(cfg, data)
+    sampler = train_loader.sampler
     set_seed(cfg.experiment.seed)  # before the model: its initialization is part of the run
     model = build_model(cfg.model)
     return data, train_loader, val_loader, sampler, model, build_loss(cfg), build_loss(cfg, reduction="none")
@@ -183,7 +183,8 @@ def run_hand_written(cfg: Config, use_accelerate: bool) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from train.loop import build_optimizer, build_scheduler, evaluate
+    from train.loop import evaluate
+    from train.optim import build_optimizer, build_scheduler
 
     data, train_loader, val_loader, sampler, model, loss_fn, per_sample = build_everything(cfg)
     optimizer = build_optimizer(cfg, model)
@@ -247,7 +248,7 @@ def run_lightning(cfg: Config, log_dir: Path) -> dict:
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from train.loop import build_optimizer, build_scheduler
+    from train.optim import build_optimizer, build_scheduler
 
     warnings.filterwarnings("ignore", module="lightning")  # "few workers" hints: the loaders are the trainer's
     data, train_loader, val_loader, sampler, net, loss_fn, per_sample = build_everything(cfg)
@@ -539,13 +540,13 @@ def run_tracker_timing(args, tmp: Path, env: dict) -> tuple[dict, list[str]]:
 
 
 def checkpoint_timing(reps: int, directory: Path) -> dict:
-    """The trainer's save_best (temp file, fsync, rename; directory fsync in the background) vs
+    """The trainer's best-checkpoint write (temp file, fsync, rename; directory fsync in the background) vs
     save_file + fsync, in this process, on the default CNN's state dict; interleaved, first call of
     each not counted."""
     import torch
     from safetensors.torch import save_file
 
-    from train.checkpoints import checkpoint_metadata, save_best, wait_durable
+    from train.checkpoints import BestCheckpoint, checkpoint_metadata
     from train.models import build_model
 
     cfg = load_config(None, [])
@@ -555,7 +556,9 @@ def checkpoint_timing(reps: int, directory: Path) -> dict:
                                target_mean=1935.0, target_std=49.1, pixel_mean=[0.45, 0.42, 0.38],
                                pixel_std=[0.25, 0.24, 0.24], image_size=cfg.data.image_size)
     directory.mkdir(parents=True, exist_ok=True)
-    plain_path, best_path = directory / "plain.safetensors", directory / "best.safetensors"
+    plain_path = directory / "plain.safetensors"
+    (directory / "checkpoints").mkdir(exist_ok=True)
+    best = BestCheckpoint(directory)  # writes directory/checkpoints/best.safetensors
 
     def plain():
         save_file(state_dict, str(plain_path))
@@ -564,15 +567,15 @@ def checkpoint_timing(reps: int, directory: Path) -> dict:
 
     times: dict[str, list[float]] = {"save_best": [], "save_best+durable": [], "save_file+fsync": []}
     for rep in range(reps + 1):
-        # save_best returns after the file is fsynced and renamed; the directory fsync that makes the
-        # rename durable runs on a background thread, so wait_durable is timed right after it: the
+        # write() returns after the file is fsynced and renamed; the directory fsync that makes the
+        # rename durable runs on a background thread, so wait() is timed right after it: the
         # first number is what the training loop waits for, the sum what a crash-proof write costs.
         for name in ("save_best", "save_file+fsync") if rep % 2 == 0 else ("save_file+fsync", "save_best"):
             t0 = time.perf_counter()
             if name == "save_best":
-                save_best(state_dict, best_path, meta)
+                best.write(state_dict, meta)
                 t1 = time.perf_counter()
-                wait_durable()
+                best.wait()
                 if rep:
                     times["save_best"].append(t1 - t0)
                     times["save_best+durable"].append(time.perf_counter() - t0)
@@ -581,7 +584,8 @@ def checkpoint_timing(reps: int, directory: Path) -> dict:
                 if rep:
                     times[name].append(time.perf_counter() - t0)
     n_params = sum(t.numel() for t in state_dict.values())
-    return {"times": times, "bytes": best_path.stat().st_size, "tensors": len(state_dict), "numel": n_params}
+    best.close()
+    return {"times": times, "bytes": best.path.stat().st_size, "tensors": len(state_dict), "numel": n_params}
 
 
 def version(package: str) -> str:

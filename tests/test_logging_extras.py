@@ -18,14 +18,14 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from conftest import DEFAULT_CONFIG, accelerate_launch, free_port, popen_main, run_main, tiny, wandb_records
 from train.config import ModelConfig, load_config
 from train.data import build_data
-from train.extras import (
-    Histogram,
+from train.optional_logs import (
     gradient_histograms,
     gradient_layers,
     gradient_norms,
     prediction_sample,
     prediction_values,
 )
+from train.tracking import Histogram
 from train.models import build_model
 
 ALL_ON = {

@@ -219,8 +219,9 @@ def test_augmented_batches_do_not_depend_on_workers_or_accelerate(tmp_path):
     cfg0 = _cfg(tmp_path, csv, **AUG, **{"data.batch_size": 4, "data.cache": "true"})
     cfg2 = _cfg(tmp_path, csv, **AUG, **{"data.batch_size": 4, "data.cache": "true", "data.num_workers": 2})
     d = build_data(cfg0)
-    tr0, _, _, s0 = make_loaders(cfg0, d)
-    tr2, _, _, s2 = make_loaders(cfg2, build_data(cfg2))
+    tr0, _, _ = make_loaders(cfg0, d)
+    tr2, _, _ = make_loaders(cfg2, build_data(cfg2))
+    s0, s2 = tr0.sampler, tr2.sampler
     ref = _epochs(tr0, s0)
     assert not torch.equal(ref[0], ref[1])
     got = _epochs(tr2, s2)  # persistent workers: the epoch must reach them through the sampler
@@ -251,7 +252,8 @@ def test_cache_is_built_once_then_decodes_nothing(tmp_path, monkeypatch):
     calls = _count_decodes(monkeypatch)
     d = build_data(cfg)
     assert calls[0] == 20 and len(list(cache_dir.glob("*.npy"))) == 1
-    tr, _, _, sampler = make_loaders(cfg, d)
+    tr, _, _ = make_loaders(cfg, d)
+    sampler = tr.sampler
     _epochs(tr, sampler)
     assert calls[0] == 20  # epochs decode nothing
     d2 = build_data(cfg)  # a later run

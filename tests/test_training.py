@@ -10,7 +10,7 @@ import torch
 
 from conftest import DEFAULT_CONFIG, ROOT, accelerate_launch, free_port, env, run_main, tb_scalars, tiny, wandb_summary
 from train.config import load_config
-from train.loop import build_scheduler
+from train.optim import build_scheduler
 from train.models import build_model
 
 

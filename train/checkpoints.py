@@ -131,6 +131,8 @@ def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], what
 
 def load_weights_strict(model: nn.Module, path: str, what: str) -> None:
     """Warm start: weights only, from a best.safetensors or any state's model.safetensors."""
+    if not Path(path).is_file():
+        raise UserError(f"{what}: '{path}' not found")
     tensors, _ = read_safetensors(path)
     check_tensors_match(model, tensors, f"{what} '{path}'")
     model.load_state_dict(tensors)

@@ -540,6 +540,24 @@ def _cached_stats(ds: CachedImages, chunk: int = 1024) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def _first_pass(cfg: Config, rows: "ManifestRows", csv_path: Path, local_main: bool, show_bar: bool):
+    """Decode every image once: it finds undecodable files before training and yields pixel stats
+    (or, with ``data.cache``, fills the cache). Returns ``(stats or None, cache file or None, errors)``."""
+    d = cfg.data
+    if not d.cache:
+        stats, errors = scan_images(rows.paths, d.image_size, d.num_workers, show_bar)
+        return stats, None, errors
+    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.experiment.output_dir) / ".cache"
+    key = cache_key(csv_path, rows.paths, d.image_size)
+    try:
+        cache_file, errors = ensure_cache(rows.paths, d.image_size, cache_dir, key, builder=local_main,
+                                          num_workers=d.num_workers, show_bar=show_bar)
+    except OSError as e:
+        raise UserError(f"data.cache_dir: cannot write the image cache in '{cache_dir}' ({e.strerror or e}); "
+                        "free disk space or set data.cache_dir") from None
+    return None, cache_file, errors
+
+
 def _read_manifest(cfg: Config, local_main: bool, main: bool):
     """The three manifest datasets, plus ``(skipped row count, bad-row lines)``.
 
@@ -554,19 +572,7 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
     csv_path, problems = rows.csv_path, dict(rows.problems)
     show_bar = local_main and cfg.logging.progress_bar
 
-    # Decode every image once: it finds undecodable files before training and yields pixel stats.
-    stats, cache_file = None, None
-    if d.cache:
-        cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.experiment.output_dir) / ".cache"
-        key = cache_key(csv_path, rows.paths, d.image_size)
-        try:
-            cache_file, errors = ensure_cache(rows.paths, d.image_size, cache_dir, key, builder=local_main,
-                                              num_workers=d.num_workers, show_bar=show_bar)
-        except OSError as e:
-            raise UserError(f"data.cache_dir: cannot write the image cache in '{cache_dir}' ({e.strerror or e}); "
-                            "set data.cache_dir") from None
-    else:
-        stats, errors = scan_images(rows.paths, d.image_size, d.num_workers, show_bar)
+    stats, cache_file, errors = _first_pass(cfg, rows, csv_path, local_main, show_bar)
     for i, err in errors.items():
         problems[rows.row_numbers[i]] = err
 

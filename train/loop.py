@@ -334,7 +334,8 @@ def update_best(run: Run, epoch: int, metrics: dict) -> bool:
     es = cfg.training.early_stopping
     value = metrics[es.monitor]
     sign = 1.0 if es.mode == "min" else -1.0
-    improved = math.isfinite(value) and (progress.best_epoch == 0 or sign * (progress.best_value - value) > es.min_delta)
+    first = progress.best_epoch == 0
+    improved = math.isfinite(value) and (first or sign * (progress.best_value - value) > es.min_delta)
     if improved:
         progress.best_value, progress.best_epoch, progress.bad_epochs = value, epoch, 0
         meta = checkpoint_metadata(
@@ -377,13 +378,14 @@ def test_and_report(run: Run) -> dict:
     acc.log(test_metrics, step=progress.global_step)
     run.logs.after_test(test, progress.global_step)
     base = baselines(run.data, num_workers=cfg.data.num_workers) if acc.is_main_process else {}
+    monitored = cfg.training.early_stopping.monitor.split("/")[1]
     results = {
         **test_metrics,
         **base,
         "test/rmse_over_mean_baseline": test["rmse"] / base["baseline/mean_rmse"] if base else None,
         "test/rmse_over_colour_linear_baseline": test["rmse"] / base["baseline/colour_linear_rmse"] if base else None,
         "best_epoch": progress.best_epoch,
-        f"best/{cfg.training.early_stopping.monitor.split('/')[1]}": progress.best_value if progress.best_epoch else None,
+        f"best/{monitored}": progress.best_value if progress.best_epoch else None,
         "epochs_run": progress.epoch,
         "stopped_early": progress.stopped_early,
         "global_step": progress.global_step,
@@ -488,7 +490,8 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, per_sample, tar
         pred = model(x).float()
         pred, y = accelerator.gather_for_metrics((pred, y))
         err = pred - y
-        sums += torch.stack([per_sample(pred, y).sum(), err.pow(2).sum(), err.abs().sum(), torch.tensor(float(len(y)), device=y.device)]).double()
+        n = torch.tensor(float(len(y)), device=y.device)
+        sums += torch.stack([per_sample(pred, y).sum(), err.pow(2).sum(), err.abs().sum(), n]).double()
         if keep:
             kept.append((pred.cpu(), y.cpu()))
     model.train()

@@ -120,7 +120,8 @@ def verify(state_dir: Path) -> str | None:
         return f"{manifest_path} is not a state of this trainer (format {found!r})"
     files = manifest.get("files")
     well_formed = isinstance(files, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str) for e in files.values()
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values()
     )
     if not well_formed:
         return f"{manifest_path} is malformed (no mapping of files to size and sha256)"
@@ -257,7 +258,7 @@ def _decide(cfg: Config, name: str, resume: str | None, restart: bool, num_proce
         return RunPlan(run_dir, name)
     run_dir, named_state = locate_resume(resume, cfg.experiment.output_dir, cfg.experiment.name)
     if not run_dir.exists():
-        say(f"No run directory '{run_dir}' yet: starting the run from scratch")
+        say(f"No complete state in '{run_dir}' (it does not exist yet): starting the run from scratch")
         return RunPlan(run_dir, run_dir.name)
     lock = RunLock(run_dir)
     lock.acquire()  # before reading the states: a running trainer may be writing one
@@ -313,12 +314,14 @@ def finished_results(run_dir: Path, progress: Progress, cfg: Config) -> dict | N
         raise UserError(
             f"--resume: run '{progress.run_name}' finished its {progress.epoch} epochs; training.epochs="
             f"{cfg.training.epochs} would continue a schedule fitted to {progress.epoch}. Train longer in a new run "
-            f"warm-started from it: experiment.name=<new name> model.init_from={run_dir / 'checkpoints' / 'best.safetensors'}"
+            "warm-started from it: experiment.name=<new name> "
+            f"model.init_from={run_dir / 'checkpoints' / 'best.safetensors'}"
         )
     try:
         return json.loads(results_file.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{results_file} is unreadable ({e}); the run's states and best checkpoint are intact") from None
+        raise UserError(f"{results_file} is unreadable ({e}); the run's states and best checkpoint are "
+                        "intact") from None
 
 
 def set_aside_run_dir(run_dir: Path) -> Path:
@@ -433,7 +436,8 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, progress: Progress,
         if not _is_write_error(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write the state {final} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"could not write the state {final} ({why}); "
                         "the previous states are intact. Free disk space or check permissions, then resume with "
                         "--resume auto") from None
     accelerator.wait_for_everyone()

@@ -341,6 +341,68 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
             continue
 
 
+def open_sweep(spec: dict, sweep_file: str, sweep_dir: Path, sweep_name: str, trials: list[dict], seed: int,
+               fixed: list[str]) -> dict:
+    """The sweep's state: read back when continuing (refused if it describes another sweep), else new;
+    every trial of this invocation is in it, pending unless already known. Written before returning."""
+    # What defines the trials: continuing with a different file, seed or fixed overrides would mix
+    # two different sweeps in one leaderboard.
+    defining = {"method": spec["method"], "parameters": spec["parameters"], "command": spec["command"],
+                "seed": seed, "fixed": fixed}
+    fingerprint = hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    state_file = sweep_dir / "sweep_state.json"
+    if state_file.is_file():
+        state = read_sweep_state(state_file)
+        if state["fingerprint"] != fingerprint:
+            raise UserError(f"{sweep_dir} holds a different sweep (other parameters, seed or fixed overrides); "
+                            "continue it with the same command, or pass --name to start a new sweep")
+        done = sum(t["status"] == "done" for t in state["trials"])
+        print(f"Continuing sweep {sweep_name}: {done} of {len(state['trials'])} trials done")
+    else:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        state = {"name": sweep_name, "sweep_file": str(sweep_file), "fingerprint": fingerprint, "seed": seed,
+                 "method": spec["method"], "metric": spec["metric"]["name"],
+                 "goal": spec["metric"].get("goal", "minimize"), "parameters": list(spec["parameters"]),
+                 "base_config": base_config_path(spec), "fixed": fixed, "trials": []}
+    known = {t["name"] for t in state["trials"]}
+    for i, params in enumerate(trials):
+        trial = f"{sweep_name}-{i:03d}"
+        if trial not in known:
+            state["trials"].append({"name": trial, "params": params, "status": "pending", "returncode": None,
+                                    "attempts": 0})
+    write_sweep_state(sweep_dir, state)
+    (sweep_dir / "logs").mkdir(exist_ok=True)
+    return state
+
+
+def run_trial(t: dict, cmd: list[str], state: dict, sweep_dir: Path) -> None:
+    """Run one trial to its end and record it; an interruption stops its process group and re-raises."""
+    t.update(status="running", attempts=t["attempts"] + 1, command=shlex.join(cmd), started=time.time())
+    write_sweep_state(sweep_dir, state)
+    print(f"[{t['name']}] " + " ".join(f"{k}={agent_text(v)}" for k, v in t["params"].items()), flush=True)
+    log = sweep_dir / "logs" / f"{t['name']}.log"
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait()
+        except BaseException:
+            stop_process_group(proc)
+            t.update(status="interrupted", returncode=proc.returncode)
+            raise
+    ok = rc == 0 and (sweep_dir / t["name"] / "results.json").is_file()
+    t.update(status="done" if ok else "failed", returncode=rc, finished=time.time())
+    write_sweep_state(sweep_dir, state)
+    rows = write_leaderboard(sweep_dir, state)
+    if ok:
+        value = next(r[state["metric"]] for r in rows if r["trial"] == t["name"])
+        print(f"[{t['name']}] done: {state['metric']} = {value}")
+        return
+    lines = log.read_text().strip().splitlines()
+    # The trainer's own "error:" lines say what to fix; the launcher's traceback does not.
+    tail = [line for line in lines if line.startswith("error:")] or lines[-5:]
+    print(f"[{t['name']}] FAILED (exit {rc}); the sweep goes on. Log: {log}\n  " + "\n  ".join(tail))
+
+
 def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None, output_dir: str | None,
               fixed: list[str], launch_args: list[str], retry_failed: bool) -> int:
     """Run (or continue) the offline sweep; return the exit code (see the module docstring)."""
@@ -349,39 +411,9 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
     sweep_name = name or spec.get("name") or Path(sweep_file).stem
     sweep_dir = Path(output_dir or base.experiment.output_dir) / sweep_name
     trials = make_trials(spec, max_runs, seed)
-    # What defines the trials: continuing with a different file, seed or fixed overrides would mix
-    # two different sweeps in one leaderboard.
-    fingerprint = hashlib.sha256(json.dumps(
-        {"method": spec["method"], "parameters": spec["parameters"], "command": spec["command"], "seed": seed,
-         "fixed": fixed},
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
-    state_file = sweep_dir / "sweep_state.json"
-    if state_file.is_file():
-        state = read_sweep_state(state_file)
-        if state["fingerprint"] != fingerprint:
-            raise UserError(
-                f"{sweep_dir} holds a different sweep (other parameters, seed or fixed overrides); "
-                f"continue it with the same command, or pass --name to start a new sweep")
-        known = {t["name"] for t in state["trials"]}
-        print(f"Continuing sweep {sweep_name}: {sum(t['status'] == 'done' for t in state['trials'])} "
-              f"of {len(state['trials'])} trials done")
-    else:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        state = {"name": sweep_name, "sweep_file": str(sweep_file), "fingerprint": fingerprint, "seed": seed,
-                 "method": spec["method"], "metric": spec["metric"]["name"],
-                 "goal": spec["metric"].get("goal", "minimize"), "parameters": list(spec["parameters"]),
-                 "base_config": base_config_path(spec), "fixed": fixed, "trials": []}
-        known = set()
-    for i, params in enumerate(trials):
-        trial = f"{sweep_name}-{i:03d}"
-        if trial not in known:
-            state["trials"].append({"name": trial, "params": params, "status": "pending", "returncode": None,
-                                    "attempts": 0})
-    write_sweep_state(sweep_dir, state)
-    (sweep_dir / "logs").mkdir(exist_ok=True)
+    state = open_sweep(spec, sweep_file, sweep_dir, sweep_name, trials, seed, fixed)
     if spec["method"] == "bayes":
         print("note: method bayes needs the W&B sweep server; offline, its parameters are sampled at random")
-
     # SIGINT explicitly too: a process started in the background by a non-interactive shell inherits
     # SIGINT as ignored, and Python then never raises KeyboardInterrupt (Ctrl-C/kill -INT did nothing).
     old_handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -395,42 +427,19 @@ def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None
                 continue
             if run_dir.exists():
                 print(f"{t['name']}: moved the incomplete run directory to {move_aside(sweep_dir, run_dir)}")
-            cmd = trial_command(spec, t["params"], fixed, sweep_dir, sweep_name, t["name"], launch_args)
-            t.update(status="running", attempts=t["attempts"] + 1, command=shlex.join(cmd), started=time.time())
-            write_sweep_state(sweep_dir, state)
-            shown = " ".join(f"{k}={agent_text(v)}" for k, v in t["params"].items())
-            print(f"[{t['name']}] {shown}", flush=True)
-            log = sweep_dir / "logs" / f"{t['name']}.log"
-            with open(log, "a") as f:
-                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-                try:
-                    rc = proc.wait()
-                except BaseException:
-                    stop_process_group(proc)
-                    t.update(status="interrupted", returncode=proc.returncode)
-                    raise
-            ok = rc == 0 and (run_dir / "results.json").is_file()
-            t.update(status="done" if ok else "failed", returncode=rc, finished=time.time())
-            write_sweep_state(sweep_dir, state)
-            rows = write_leaderboard(sweep_dir, state)
-            if ok:
-                value = next(r[state["metric"]] for r in rows if r["trial"] == t["name"])
-                print(f"[{t['name']}] done: {state['metric']} = {value}")
-            else:
-                lines = log.read_text().strip().splitlines()
-                # The trainer's own "error:" lines say what to fix; the launcher's traceback does not.
-                tail = [line for line in lines if line.startswith("error:")] or lines[-5:]
-                print(f"[{t['name']}] FAILED (exit {rc}); the sweep goes on. Log: {log}\n  " + "\n  ".join(tail))
+            run_trial(t, trial_command(spec, t["params"], fixed, sweep_dir, sweep_name, t["name"], launch_args),
+                      state, sweep_dir)
     except (KeyboardInterrupt, _Interrupted):
         write_sweep_state(sweep_dir, state)
         write_leaderboard(sweep_dir, state)
-        print(f"\nInterrupted. Continue with the same command; state in {state_file}", file=sys.stderr)
+        print(f"\nInterrupted. Continue with the same command; state in {sweep_dir / 'sweep_state.json'}",
+              file=sys.stderr)
         return 130
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     write_sweep_state(sweep_dir, state)
-    rows = write_leaderboard(sweep_dir, state)
+    write_leaderboard(sweep_dir, state)
     done = [t for t in state["trials"][: len(trials)] if t["status"] == "done"]
     print(f"\nSweep {sweep_name}: {len(done)} of {len(trials)} trials finished. "
           f"Leaderboard: {sweep_dir / 'leaderboard.md'}")

@@ -60,6 +60,8 @@ def make_synthetic(
 
 
 def _make_chunk(rng: np.random.Generator, s: int, year_min: float, year_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk of images and their dates; the cues are applied in a fixed order (each draws from
+    ``rng``, so the order is part of what the seed means)."""
     b = _CHUNK
     years = year_min + (year_max - year_min) * rng.random(b)
     apparent = years + rng.normal(0.0, _APPARENT_AGE_SD, b)
@@ -70,8 +72,18 @@ def _make_chunk(rng: np.random.Generator, s: int, year_min: float, year_max: flo
         return np.clip(age + rng.normal(0.0, sd, b), 0.0, 1.0)[:, None, None, None].astype(np.float32)
 
     x = _scene(rng, b, s)
+    x, sat = _palette(x, rng, cue_age)
+    x = _optics(x, rng, cue_age, s)
+    x = _grain(x, rng, cue_age, sat, s)
+    x = _print_and_scan(x, rng, cue_age, sat)
+    # Dithered quantisation (add U[0,1), then truncate) avoids banding in smooth gradients.
+    x = np.clip(x * 255.0 + rng.random(x.shape, dtype=np.float32), 0.0, 255.0)
+    return x.astype(np.uint8), years
 
-    # Palette: colour film arrives mid-century; before that everything is monochrome.
+
+def _palette(x: np.ndarray, rng: np.random.Generator, cue_age) -> tuple[np.ndarray, np.ndarray]:
+    """Colour film arrives mid-century; before that everything is monochrome. Returns the saturation too."""
+    b = len(x)
     sat = np.clip((0.62 - cue_age(0.06)) / 0.4, 0.0, 1.0) ** 0.8
     luma = np.einsum("bchw,c->bhw", x, _LUMA)[:, None]
     x = luma + sat * (x - luma)
@@ -82,47 +94,49 @@ def _make_chunk(rng: np.random.Generator, s: int, year_min: float, year_max: flo
     x = mean + (1.0 + 0.8 * (1.0 - sat)) * (x - mean)
     # Partly-faded colour prints lose the cyan/blue dye first, drifting towards red/magenta.
     dye = (sat * (1.0 - sat) * 4.0) * rng.uniform(0.0, 0.25, (b, 1, 1, 1)).astype(np.float32)
-    x = x * (1.0 - dye * np.array([0.0, 0.4, 1.0], dtype=np.float32)[:, None, None])
+    return x * (1.0 - dye * np.array([0.0, 0.4, 1.0], dtype=np.float32)[:, None, None]), sat
 
-    # Vignetting: radial fall-off around a slightly off-centre optical axis.
+
+def _optics(x: np.ndarray, rng: np.random.Generator, cue_age, s: int) -> np.ndarray:
+    """Vignetting (radial fall-off around a slightly off-centre optical axis), then lens blur."""
+    b = len(x)
     u = (np.arange(s, dtype=np.float32) + 0.5) / s - 0.5
     cy, cx = (rng.uniform(-0.08, 0.08, (2, b, 1, 1, 1))).astype(np.float32)
     r2 = ((u[None, None, :, None] - cy) ** 2 + (u[None, None, None, :] - cx) ** 2) / 0.5
     strength = np.clip(0.75 * cue_age(0.08) + rng.normal(0.0, 0.04, (b, 1, 1, 1)).astype(np.float32), 0.0, 0.9)
     x = x * (1.0 - strength * r2)
-
     # Blur sigma is defined at 32 px and scales with the image so the cue is resolution-free.
-    scale = s / 32.0
-    sigma = (0.2 + 1.1 * cue_age(0.08)[:, 0, 0, 0] ** 1.2) * scale
-    x = _blur(x, sigma)
+    sigma = (0.2 + 1.1 * cue_age(0.08)[:, 0, 0, 0] ** 1.2) * (s / 32.0)
+    return _blur(x, sigma)
 
-    # Grain: older emulsions have bigger silver clumps, so the noise is both stronger and coarser.
+
+def _grain(x: np.ndarray, rng: np.random.Generator, cue_age, sat: np.ndarray, s: int) -> np.ndarray:
+    """Older emulsions have bigger silver clumps, so the noise is both stronger and coarser."""
+    b = len(x)
     ga = cue_age(0.08)
     fine = rng.standard_normal((b, 1, s, s), dtype=np.float32)
-    coarse = _blur(rng.standard_normal((b, 1, s, s), dtype=np.float32), np.full(b, 0.9 * scale))
+    coarse = _blur(rng.standard_normal((b, 1, s, s), dtype=np.float32), np.full(b, 0.9 * (s / 32.0)))
     coarse /= coarse.std(axis=(2, 3), keepdims=True) + 1e-6
     grain = (1.0 - ga) * fine + ga * coarse
     # Colour film grain is partly per dye layer; monochrome film has one layer.
     grain = grain + 0.5 * sat * rng.standard_normal((b, 3, s, s), dtype=np.float32)
-    x = x + (0.012 + 0.05 * ga) * grain
+    return x + (0.012 + 0.05 * ga) * grain
 
-    # Ageing of the print: lifted blacks, dimmer whites, and a sepia tone on old monochrome prints.
+
+def _print_and_scan(x: np.ndarray, rng: np.random.Generator, cue_age, sat: np.ndarray) -> np.ndarray:
+    """Ageing of the print (lifted blacks, dimmer whites, sepia on old monochrome prints), then the scan."""
+    b = len(x)
     fa = cue_age(0.1)
     black = 0.12 * fa * rng.uniform(0.3, 1.0, (b, 1, 1, 1)).astype(np.float32)
     x = black + (1.0 - black - 0.08 * fa) * x
     sepia = np.array([1.0, 0.82, 0.6], dtype=np.float32)[:, None, None]
     tone = (1.0 - sat) * rng.uniform(0.0, 0.8, (b, 1, 1, 1)).astype(np.float32)
     x = x * (1.0 - tone + tone * sepia)
-
     # Scanning: exposure, colour cast and offset vary a lot and hide the global colour cues.
     exposure = np.exp(rng.normal(0.0, 0.3, (b, 1, 1, 1)))
     cast = np.exp(rng.normal(0.0, 0.12, (b, 3, 1, 1)))
     offset = rng.uniform(-0.1, 0.1, (b, 1, 1, 1))
-    x = x * (exposure * cast).astype(np.float32) + offset.astype(np.float32)
-
-    # Dithered quantisation (add U[0,1), then truncate) avoids banding in smooth gradients.
-    x = np.clip(x * 255.0 + rng.random(x.shape, dtype=np.float32), 0.0, 255.0)
-    return x.astype(np.uint8), years
+    return x * (exposure * cast).astype(np.float32) + offset.astype(np.float32)
 
 
 def _scene(rng: np.random.Generator, b: int, s: int) -> np.ndarray:
