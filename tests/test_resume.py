@@ -316,11 +316,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(out):
 
 def test_corrupt_best_checkpoint_at_the_test_evaluation(out):
     extra = """
-real_load = loop.load_best_weights
-def load_best_weights(accelerator, model, path):
-    path.write_bytes(path.read_bytes()[:50])  # corrupted behind the trainer's back
-    return real_load(accelerator, model, path)
-loop.load_best_weights = load_best_weights
+from train.checkpoints import BestCheckpoint
+real_load = BestCheckpoint.load_into
+def load_into(self, accelerator, model):
+    self.path.write_bytes(self.path.read_bytes()[:50])  # corrupted behind the trainer's back
+    return real_load(self, accelerator, model)
+BestCheckpoint.load_into = load_into
 """
     r = run_injected(args(out, "cb", **{"training.epochs": 1}), bad_call=-1, extra=extra)
     assert r.returncode == 2, r.stderr[-3000:]

@@ -45,6 +45,7 @@ from train.checkpoints import check_tensors_match, read_safetensors
 from train.config import Config, to_yaml
 from train.errors import UserError
 from train.fsutil import RunLock, atomic_write_bytes, fsync_dir
+from train.models import build_model
 from train.runinfo import new_run_name, run_info
 
 STATE_FORMAT = "mok-date-state/1"
@@ -115,12 +116,14 @@ def verify(state_dir: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"{manifest_path} is unreadable ({e})"
-    if not isinstance(manifest, dict) or manifest.get("format") != STATE_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        return f"{manifest_path} is not a state of this trainer (format {found!r})"
+    if not isinstance(manifest, dict):
+        got = type(manifest).__name__
+        return f"{manifest_path} is not a state of this trainer (a JSON object was expected, got {got})"
+    if manifest.get("format") != STATE_FORMAT:
+        return f"{manifest_path} is not a state of this trainer (format {manifest.get('format')!r})"
     files = manifest.get("files")
     well_formed = isinstance(files, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str)
         for e in files.values()
     )
     if not well_formed:
@@ -137,15 +140,43 @@ def verify(state_dir: Path) -> str | None:
         return f"{state_dir} has no progress.json"
     try:
         read_progress(state_dir)
-    except (ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:
         return f"{state_dir / 'progress.json'} does not describe a run position ({e})"
     return None
 
 
 def read_progress(state_dir: Path) -> Progress:
+    """The state's ``progress.json``; ``ValueError``/``TypeError`` when it is not a ``Progress`` (a
+    field missing, unknown or of another JSON type), so that ``verify`` refuses it before a resume."""
+    import types
+    import typing
+
+    def fits(value, hint) -> bool:
+        if isinstance(hint, types.UnionType):
+            return any(fits(value, h) for h in typing.get_args(hint))
+        origin = typing.get_origin(hint) or hint
+        if hint is typing.Any:
+            return True
+        if hint is type(None):
+            return value is None
+        if isinstance(value, bool) and origin is not bool:  # JSON true is not a number
+            return False
+        if origin is float:
+            return isinstance(value, (int, float))
+        if origin is list:
+            return isinstance(value, list) and all(fits(v, typing.get_args(hint)[0]) for v in value)
+        return isinstance(value, origin)
+
     data = json.loads((state_dir / "progress.json").read_text())
     if not isinstance(data, dict):
         raise ValueError(f"a mapping was expected, got {type(data).__name__}")
+    hints = typing.get_type_hints(Progress)
+    wrong = [k for k, v in data.items() if k in hints and not fits(v, hints[k])]
+    if wrong:
+        def name(hint) -> str:
+            return hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
+
+        raise ValueError("; ".join(f"{k}: {repr(data[k])[:60]} is not {name(hints[k])}" for k in wrong[:4]))
     return Progress(**data)
 
 
@@ -273,7 +304,7 @@ def _decide(cfg: Config, name: str, resume: str | None, restart: bool, num_proce
         raise UserError(f"--resume: {state_dir} was saved mid-epoch with {progress.num_processes} processes; resume it "
                         f"with {progress.num_processes} (the batches already seen are counted per process), or from "
                         "an epoch-end state")
-    finished = finished_results(run_dir, progress, cfg)
+    finished = finished_results(run_dir, progress, cfg, state_dir)
     say(f"Resuming run '{progress.run_name}' from {state_dir} (epoch {progress.epoch}, step {progress.global_step})"
         if finished is None else f"Run '{progress.run_name}' is finished (epoch {progress.epoch}): nothing to do. "
         f"Results: {run_dir / 'results.json'}")
@@ -301,7 +332,22 @@ def _refuse_to_retrain(run_dir: Path, resume: str) -> None:
         raise UserError(f"--resume: '{run_dir}' has no complete state under checkpoints/state/")
 
 
-def finished_results(run_dir: Path, progress: Progress, cfg: Config) -> dict | None:
+def _check_same_model(progress: Progress, cfg: Config, state_dir: Path) -> None:
+    """A finished run is the run its model section describes: another model is refused, naming the
+    tensors that differ, or the keys when the tensors happen to fit."""
+    saved = {k: v for k, v in progress.model_config.items() if k != "init_from"}
+    wanted = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "init_from"}
+    if saved == wanted:
+        return
+    tensors, _ = read_safetensors(state_dir / "model.safetensors")
+    check_tensors_match(build_model(cfg.model), tensors, f"--resume {state_dir}")
+    keys = ", ".join(f"model.{k}" for k in sorted(wanted) if saved.get(k) != wanted[k])
+    raise UserError(f"--resume: run '{progress.run_name}' is finished, with another model section ({keys} differ); "
+                    "a finished run is not tested again with another model: start a new run (another "
+                    "experiment.name)")
+
+
+def finished_results(run_dir: Path, progress: Progress, cfg: Config, state_dir: Path) -> dict | None:
     """The results of a finished run (resuming it is a no-op), else None (there is work to do).
 
     A run that used up its epochs is not extended by a larger ``training.epochs``: its learning-rate
@@ -310,6 +356,7 @@ def finished_results(run_dir: Path, progress: Progress, cfg: Config) -> dict | N
     results_file = run_dir / "results.json"
     if not (progress.finished and results_file.is_file()):
         return None  # finished training but not the test (a crash or stop after the last epoch): test now
+    _check_same_model(progress, cfg, state_dir)
     if cfg.training.epochs > progress.epoch and not progress.stopped_early:
         raise UserError(
             f"--resume: run '{progress.run_name}' finished its {progress.epoch} epochs; training.epochs="
@@ -409,8 +456,23 @@ def set_aside_newer_states(run_dir: Path, step: int) -> None:
 
 
 def _is_write_error(e: Exception) -> bool:
-    # torch.save reports a full disk as RuntimeError("... PytorchStreamWriter failed writing file ...").
-    return isinstance(e, (OSError, SafetensorError)) or "writ" in str(e).lower()
+    # torch.save reports a full disk as a RuntimeError from its zip writer ("PytorchStreamWriter failed
+    # writing file", "basic_ios::clear: iostream error", "[enforce fail at inline_container.cc] unexpected pos").
+    text = str(e).lower()
+    return isinstance(e, (OSError, SafetensorError)) or any(w in text for w in ("writ", "iostream", "inline_container"))
+
+
+def _write_failure(e: Exception, directory: Path) -> str:
+    """Why a write failed, in words: the OS's reason, or the free space when torch's message is cryptic."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"No space left on device: {free / 2**20:.1f} MiB free"
+    return str(e).splitlines()[0]
 
 
 def save_full_state(accelerator: Accelerator, run_dir: Path, progress: Progress, keep_last: int) -> Path:
@@ -436,7 +498,7 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, progress: Progress,
         if not _is_write_error(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        why = _write_failure(e, final.parent)
         raise UserError(f"could not write the state {final} ({why}); "
                         "the previous states are intact. Free disk space or check permissions, then resume with "
                         "--resume auto") from None
