@@ -50,7 +50,12 @@ class CheckpointMeta(BaseModel):
     @field_validator("model", "pixel_mean", "pixel_std", mode="before")
     @classmethod
     def _json(cls, v):
-        return json.loads(v) if isinstance(v, str) else v
+        if not isinstance(v, str):
+            return v
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e})") from None
 
     @field_validator("pixel_std")
     @classmethod
@@ -95,15 +100,22 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+# What to do about a best checkpoint that is damaged or was edited: its metadata and tensors were written
+# together by the trainer, so nothing in the file itself can be trusted to repair it.
+_DAMAGED = "the file was altered or damaged: use an intact copy of the run's checkpoints/best.safetensors"
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """Tensors and validated metadata of a best checkpoint; anything wrong is one ``UserError`` line."""
     tensors, raw = read_safetensors(path)
     if raw.get("format") != FORMAT:
-        raise UserError(f"checkpoint '{path}' has no model metadata (not written by this trainer)")
+        raise UserError(f"checkpoint '{path}' has no model metadata (not written by this trainer); pass the "
+                        "checkpoints/best.safetensors of a run of train/main.py")
     try:
         meta = CheckpointMeta.model_validate(raw)
     except (ValidationError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint '{path}' has incomplete or inconsistent metadata: {_first_problem(e)}") from None
+        raise UserError(f"checkpoint '{path}' has incomplete or inconsistent metadata: {_first_problem(e)}; "
+                        f"{_DAMAGED}") from None
     return tensors, meta
 
 
@@ -111,22 +123,29 @@ def _first_problem(e: Exception) -> str:
     if isinstance(e, ValidationError):
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" + (f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else "")
+        got = err.get("input")
+        shown = f" (got {got!r})" if isinstance(got, (str, int, float)) and len(repr(got)) <= 60 else ""
+        more = f" ({len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        return f"{where}: {err['msg'].removeprefix('Value error, ')}{shown}{more}"
     return f"a JSON field does not parse ({e})"
 
 
-def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """UserError naming every tensor that is missing, unexpected or of another shape."""
+def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], what: str,
+                        model_desc: str = "the configured model", advice: str = "check the model section") -> None:
+    """UserError naming every tensor that is missing, unexpected or of another shape.
+
+    ``model_desc``/``advice``: what the model was built from and what to do (a warm start or resume
+    fits the config's model section; a best checkpoint its own metadata)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     problems = [f"{k}: missing" for k in expected if k not in got]
-    problems += [f"{k}: not in the configured model" for k in got if k not in expected]
-    problems += [f"{k}: shape {got[k]} vs {expected[k]} in the configured model"
+    problems += [f"{k}: not in {model_desc}" for k in got if k not in expected]
+    problems += [f"{k}: shape {got[k]} vs {expected[k]} in {model_desc}"
                  for k in expected if k in got and got[k] != expected[k]]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise UserError(f"{what}: the checkpoint does not fit the configured model "
-                        f"({len(problems)} tensors differ: {shown}); check the model section")
+        raise UserError(f"{what}: the checkpoint does not fit {model_desc} "
+                        f"({len(problems)} tensors differ: {shown}); {advice}")
 
 
 def load_weights_strict(model: nn.Module, path: str, what: str) -> None:
@@ -142,7 +161,7 @@ def build_from_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model described in the checkpoint's metadata and load its weights (eval mode)."""
     tensors, meta = read_checkpoint(path)
     model = build_model(meta.model)
-    check_tensors_match(model, tensors, f"checkpoint '{path}'")
+    check_tensors_match(model, tensors, f"checkpoint '{path}'", "the model its own metadata describes", _DAMAGED)
     model.load_state_dict(tensors)
     return model.eval(), meta
 

@@ -129,6 +129,14 @@ def check_sweep(spec: Any, fixed: list[str] = (), root: Path = ROOT) -> list[str
     params = spec.get("parameters")
     if not isinstance(params, dict) or not params:
         return problems + ["parameters must be a non-empty mapping of dotted config keys to value specs"]
+    # The base config with the fixed overrides alone first: if it is wrong, every swept value would
+    # repeat the same problem, so it is told once and the values are not tried.
+    try:
+        load_config(config_path, list(fixed))
+        base_ok = True
+    except ConfigError as e:
+        problems += [f"base config {base_config_path(spec)} with the fixed overrides: {line}" for line in e.lines]
+        base_ok = False
     keys = config_keys()
     for key, p in params.items():
         if key not in keys:
@@ -147,7 +155,7 @@ def check_sweep(spec: Any, fixed: list[str] = (), root: Path = ROOT) -> list[str
                             f"(use one of {', '.join(DISTRIBUTIONS)})")
         if spec.get("method") == "grid" and not ({"value", "values"} & set(p)):
             problems.append(f"parameter '{key}': a grid needs value or values, not a range")
-        for v in candidate_values(p):
+        for v in candidate_values(p) if base_ok else ():
             try:
                 load_config(config_path, [*fixed, f"{key}={agent_text(v)}"])
             except ConfigError as e:
@@ -240,12 +248,40 @@ def write_sweep_state(sweep_dir: Path, state: dict) -> None:
     atomic_write_text(sweep_dir / "sweep_state.json", json.dumps(state, indent=2) + "\n")
 
 
+TRIAL_STATUSES = ("pending", "running", "done", "failed", "interrupted")
+
+
+def sweep_state_problem(state: Any) -> str | None:
+    """Why a parsed ``sweep_state.json`` is not one this module wrote (None: it has the right shape).
+    Checked before anything reads it, so an edited file cannot crash the sweep halfway or start a trial."""
+    if not isinstance(state, dict):
+        return f"a JSON object was expected, got {type(state).__name__}"
+    for key, kind in (("name", str), ("fingerprint", str), ("metric", str), ("goal", str), ("parameters", list),
+                      ("trials", list)):
+        if not isinstance(state.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}: not a sweep state"
+    for i, t in enumerate(state["trials"]):
+        if not isinstance(t, dict):
+            return f"trials[{i}] is not an object"
+        name, params = t.get("name"), t.get("params")
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            return f"trials[{i}].name is not a trial directory name (got {name!r})"
+        if not isinstance(params, dict) or any(k not in params for k in state["parameters"]):
+            return f"trials[{i}] ({name}): params is not a mapping of every sweep parameter"
+        if t.get("status") not in TRIAL_STATUSES:
+            return f"trials[{i}] ({name}): status {t.get('status')!r} is not one of {', '.join(TRIAL_STATUSES)}"
+        if type(t.get("attempts")) is not int:
+            return f"trials[{i}] ({name}): attempts {t.get('attempts')!r} is not an integer"
+    return None
+
+
 def read_sweep_state(state_file: Path) -> dict:
     """The sweep's own record of its trials; a truncated or edited file is one line saying what to do."""
     try:
         state = json.loads(state_file.read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("trials"), list) or "fingerprint" not in state:
-            raise ValueError("not a sweep state (no fingerprint and trials)")
+        problem = sweep_state_problem(state)
+        if problem:
+            raise ValueError(problem)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{state_file} is unreadable ({e}); the trials' run directories next to it are intact. "
                         "Move the file aside and run the same command to start the sweep's record anew (finished "
