@@ -266,9 +266,6 @@ def test_secret_in_wandb_names_appears_nowhere(run):
         assert SECRET not in output_log.read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="wandb.init records sys.argv (the overrides, unredacted) in the run's "
-                   "environment record, uploaded as wandb-metadata.json on sync; the fix belongs in "
-                   "train/tracking.py (e.g. wandb.Settings(x_disable_meta=True) or redacted args)")
 def test_secret_is_not_in_the_recorded_command_line(run):
     records = wandb_records(run["run_dir"])
     assert SECRET not in json.dumps([rec for rec in records if rec["type"] == "environment"])

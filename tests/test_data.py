@@ -34,6 +34,13 @@ def test_parse_date_rejects(text):
         parse_date(text)
 
 
+@pytest.mark.parametrize("text", ["1e308", "19850", "-5", "0999", "1700000000"])
+def test_parse_date_rejects_implausible_dates(text):
+    # A typo or a Unix timestamp in the date column would dominate the target mean and std.
+    with pytest.raises(ValueError, match="not a plausible date"):
+        parse_date(text)
+
+
 def test_synthetic_is_deterministic_and_standardized():
     cfg = load_config(DEFAULT_CONFIG,
                       ["data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.num_test=16"])

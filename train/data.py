@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from train.config import AugmentConfig, Config, DataConfig
+from train.config import YEAR_RANGE, AugmentConfig, Config, DataConfig
 from train.errors import UserError
 from train.fsutil import atomic_file, atomic_write_bytes
 
@@ -252,7 +252,17 @@ _DATE = re.compile(r"^(\d{1,4})(?:-(\d{1,2})(?:-(\d{1,2}))?)?$")
 
 def parse_date(text: str) -> float:
     """``YYYY`` -> middle of the year, ``YYYY-MM`` -> middle of the month, ``YYYY-MM-DD`` -> that
-    day's middle, or a decimal year as is. Raises ``ValueError`` with the reason."""
+    day's middle, or a decimal year as is. Raises ``ValueError`` with the reason, also for a date
+    outside ``YEAR_RANGE``: a typo (19850) or a unit mix-up (a timestamp) would otherwise dominate
+    the target statistics."""
+    value = _parse_date(text)
+    low, high = YEAR_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"'{text.strip()}' is outside {low:.0f}..{high:.0f}, not a plausible date of an image")
+    return value
+
+
+def _parse_date(text: str) -> float:
     s = text.strip()
     m = _DATE.match(s)
     if m and (m.group(2) or len(m.group(1)) == 4):
@@ -304,7 +314,8 @@ def csv_header(csv_path: Path) -> list[str]:
         with Path(csv_path).open(newline="", encoding="utf-8-sig") as f:
             return next(csv.reader(f), [])
     except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e})") from None
+        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e}); save it as UTF-8 (a spreadsheet's "
+                        "'CSV UTF-8')") from None
 
 
 def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str, date_column: str | None,
@@ -330,7 +341,8 @@ def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str
                                 "(set data.manifest.*_column)")
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e})") from None
+        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e}); save it as UTF-8 (a spreadsheet's "
+                        "'CSV UTF-8')") from None
     out = ManifestRows(csv_path, [], [], [], [], [], [], {})
     for row_number, row in enumerate(rows, start=2):  # row 1 is the header
         text = (row.get(path_column) or "").strip()

@@ -60,8 +60,9 @@ class RunLock:
     """An exclusive lock on a run directory, held for the whole run by its main process.
 
     ``fcntl.flock`` on ``<run_dir>/.lock``: advisory, and released by the kernel when the process
-    dies, so a kill -9 never leaves a run locked. The file keeps the holder's pid and host, which
-    the refusal of a second trainer names.
+    dies, so a kill -9 never leaves a run locked. The file is created empty and never written, so
+    taking the lock changes no file of an existing run; the holder a refusal names comes from the
+    kernel's lock table (``/proc/locks``, Linux).
     """
 
     def __init__(self, run_dir: str | Path):
@@ -71,7 +72,6 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise ``UserError`` (held by another process, or not writable)."""
         import fcntl
-        import socket
 
         from train.errors import UserError
 
@@ -83,18 +83,30 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            holder = _flock_holder(fd)
             os.close(fd)
             raise UserError(f"run directory '{self.path.parent}' is in use by {holder}; wait for it to end "
                             "(or stop it), or choose another experiment.name") from None
         self._fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except OSError:  # a full disk: the lock holds all the same, it only cannot name its holder
-            pass
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def _flock_holder(fd: int) -> str:
+    """``pid N on <host>`` of the process holding a flock on ``fd``'s file, from ``/proc/locks``."""
+    import socket
+
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 41233 fd:01:1234567 0 EOF"
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return f"pid {parts[4]} on {socket.gethostname()}"
+    except OSError:
+        pass
+    return "another process (not on this machine, or not visible from here)"

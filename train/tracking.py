@@ -213,8 +213,14 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_co
             "resume": "allow",
         }
     }
-    # Trackers only exist on the main process; the other processes get an empty list.
-    accelerator.init_trackers(w.project, config=flat_config, init_kwargs=init_kwargs)
+    # Trackers only exist on the main process; the other processes get an empty list. W&B records the
+    # command line (sys.argv) in the run's metadata, so it sees the overrides with secrets redacted.
+    argv = sys.argv
+    sys.argv = [redact_text(a) for a in argv]
+    try:
+        accelerator.init_trackers(w.project, config=flat_config, init_kwargs=init_kwargs)
+    finally:
+        sys.argv = argv
     if w.enabled and wandb_mode(cfg) != "disabled" and accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)
         print("Weights & Biases logging initialized")
