@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 from torch import nn
 
@@ -105,6 +105,15 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 _DAMAGED = "the file was altered or damaged: use an intact copy of the run's checkpoints/best.safetensors"
 
 
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file's tensors, read from its header only (no tensor data)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"'{path}' is not a readable safetensors file ({e})") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """Tensors and validated metadata of a best checkpoint; anything wrong is one ``UserError`` line."""
     tensors, raw = read_safetensors(path)
@@ -130,14 +139,14 @@ def _first_problem(e: Exception) -> str:
     return f"a JSON field does not parse ({e})"
 
 
-def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor], what: str,
+def check_tensors_match(model: nn.Module, tensors: dict[str, torch.Tensor] | dict[str, tuple], what: str,
                         model_desc: str = "the configured model", advice: str = "check the model section") -> None:
     """UserError naming every tensor that is missing, unexpected or of another shape.
 
     ``model_desc``/``advice``: what the model was built from and what to do (a warm start or resume
     fits the config's model section; a best checkpoint its own metadata)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    got = {k: tuple(getattr(v, "shape", v)) for k, v in tensors.items()}  # tensors, or their shapes
     problems = [f"{k}: missing" for k in expected if k not in got]
     problems += [f"{k}: not in {model_desc}" for k in got if k not in expected]
     problems += [f"{k}: shape {got[k]} vs {expected[k]} in {model_desc}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from train.redaction import redact_text
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
@@ -61,8 +63,6 @@ def run_cli(body: Callable[[], int | None]) -> int:
     An ``OSError`` that escaped (a path the user gave that cannot be read or written) is bad input
     too: one line, exit 2, rather than a traceback.
     """
-    from train.redaction import redact_text
-
     try:
         return body() or 0
     except CleanExit as e:

@@ -8,10 +8,14 @@ the old file or the whole new one, never a part, and a failed write leaves no te
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from train.errors import UserError
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -71,10 +75,6 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise ``UserError`` (held by another process, or not writable)."""
-        import fcntl
-
-        from train.errors import UserError
-
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -97,8 +97,6 @@ class RunLock:
 
 def _flock_holder(fd: int) -> str:
     """``pid N on <host>`` of the process holding a flock on ``fd``'s file, from ``/proc/locks``."""
-    import socket
-
     inode = os.fstat(fd).st_ino
     try:
         with open("/proc/locks") as f:

@@ -38,10 +38,12 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from safetensors import SafetensorError
 from torch import nn
 
-from train.checkpoints import check_tensors_match, read_safetensors
+from train.checkpoints import check_tensors_match, tensor_shapes
 from train.config import Config, to_yaml
 from train.errors import UserError
 from train.fsutil import RunLock, atomic_write_bytes, fsync_dir
@@ -52,7 +54,9 @@ STATE_FORMAT = "mok-date-state/1"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-@dataclass
+# Strict: a progress.json whose fields have other JSON types (an edited or foreign file) is refused
+# when read, not half-way through a resume. pydantic's dataclass keeps asdict() and keyword construction.
+@pydantic_dataclass(config=ConfigDict(strict=True, extra="forbid"))
 class Progress:
     """Everything about the run's position that is not a tensor; saved as ``progress.json``."""
 
@@ -146,38 +150,16 @@ def verify(state_dir: Path) -> str | None:
 
 
 def read_progress(state_dir: Path) -> Progress:
-    """The state's ``progress.json``; ``ValueError``/``TypeError`` when it is not a ``Progress`` (a
-    field missing, unknown or of another JSON type), so that ``verify`` refuses it before a resume."""
-    import types
-    import typing
-
-    def fits(value, hint) -> bool:
-        if isinstance(hint, types.UnionType):
-            return any(fits(value, h) for h in typing.get_args(hint))
-        origin = typing.get_origin(hint) or hint
-        if hint is typing.Any:
-            return True
-        if hint is type(None):
-            return value is None
-        if isinstance(value, bool) and origin is not bool:  # JSON true is not a number
-            return False
-        if origin is float:
-            return isinstance(value, (int, float))
-        if origin is list:
-            return isinstance(value, list) and all(fits(v, typing.get_args(hint)[0]) for v in value)
-        return isinstance(value, origin)
-
+    """The state's ``progress.json``; ``ValueError`` (one line) when it is not a ``Progress`` (a field
+    missing, unknown or of another JSON type), so that ``verify`` refuses it before a resume."""
     data = json.loads((state_dir / "progress.json").read_text())
     if not isinstance(data, dict):
         raise ValueError(f"a mapping was expected, got {type(data).__name__}")
-    hints = typing.get_type_hints(Progress)
-    wrong = [k for k, v in data.items() if k in hints and not fits(v, hints[k])]
-    if wrong:
-        def name(hint) -> str:
-            return hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
-
-        raise ValueError("; ".join(f"{k}: {repr(data[k])[:60]} is not {name(hints[k])}" for k in wrong[:4]))
-    return Progress(**data)
+    try:
+        return Progress(**data)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {repr(err['input'])[:60]})"
+                                   for err in e.errors()[:4])) from None
 
 
 def list_states(run_dir: Path) -> list[Path]:
@@ -339,8 +321,7 @@ def _check_same_model(progress: Progress, cfg: Config, state_dir: Path) -> None:
     wanted = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "init_from"}
     if saved == wanted:
         return
-    tensors, _ = read_safetensors(state_dir / "model.safetensors")
-    check_tensors_match(build_model(cfg.model), tensors, f"--resume {state_dir}")
+    check_tensors_match(build_model(cfg.model), tensor_shapes(state_dir / "model.safetensors"), f"--resume {state_dir}")
     keys = ", ".join(f"model.{k}" for k in sorted(wanted) if saved.get(k) != wanted[k])
     raise UserError(f"--resume: run '{progress.run_name}' is finished, with another model section ({keys} differ); "
                     "a finished run is not tested again with another model: start a new run (another "
@@ -395,12 +376,12 @@ def check_state_fits(plan: RunPlan, model: nn.Module, optimizer: torch.optim.Opt
     what this config builds (``accelerator.load_state`` would fail only after the trackers started)."""
     if plan.resume_dir is None:
         return
-    tensors, _ = read_safetensors(plan.resume_dir / "model.safetensors")
-    check_tensors_match(model, tensors, f"--resume {plan.resume_dir}")
+    # Headers only: load_state reads the data itself a moment later, and a large state should not be read twice.
+    check_tensors_match(model, tensor_shapes(plan.resume_dir / "model.safetensors"), f"--resume {plan.resume_dir}")
     optimizer_file = plan.resume_dir / "optimizer.bin"
     if not optimizer_file.is_file():  # sharded (FSDP) states keep the optimizer elsewhere
         return
-    saved = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    saved = torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True)
     saved_sizes = [len(g["params"]) for g in saved.get("param_groups", [])]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:
