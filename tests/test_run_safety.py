@@ -203,3 +203,123 @@ def test_nonfinite_loss_in_the_first_epoch_is_one_line(out):
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
     assert "non-finite" in one_error_line(r.stderr)
     assert "TypeError" not in r.stderr
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` to the last byte; returns the filler (delete it to free)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush at close
+        for chunk in (65536, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+    return filler
+
+
+def test_a_full_disk_at_the_best_checkpoint_keeps_the_previous_one(tmp_path):
+    # 1 MiB: room for the config and events, not for a 1.5 MB best.safetensors.
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI and the dev machines run as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        r = run_main(args(mount, "best", **WIDE))
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+        line = one_error_line(r.stderr)
+        assert "best.safetensors" in line and "previous best checkpoint is intact" in line
+        assert not list((mount / "best").rglob("*.tmp-*")), "the temporary file is removed"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+FILL_BEFORE_RESULTS = """
+import sys; sys.path.insert(0, {root!r})
+from pathlib import Path
+import train.loop as loop
+real = loop.baselines
+def baselines(*a, **k):
+    out = real(*a, **k)
+    # The disk fills up between the test pass and results.json.
+    with open(Path({disk!r}) / "filler", "wb", buffering=0) as f:
+        for chunk in (65536, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\\0" * chunk)
+            except OSError:
+                pass
+    return out
+loop.baselines = baselines
+from train.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_at_results_json_is_one_line_and_a_resume_tests_again(small_disk):
+    script = FILL_BEFORE_RESULTS.format(root=str(ROOT), disk=str(small_disk))
+    a = args(small_disk, "res", **{"training.epochs": 1})
+    r = subprocess.run([sys.executable, "-c", script, *a], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "results.json" in one_error_line(r.stderr) and "--resume auto" in r.stderr
+    assert not (small_disk / "res/results.json").exists()
+    (small_disk / "filler").unlink()
+    r = run_main(a + ["--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((small_disk / "res/results.json").read_text())["epochs_run"] == 1
+
+
+def test_a_full_disk_while_building_the_image_cache_is_one_line(small_disk, tmp_path):
+    # Without reserving the cache file's blocks first, writing into its memory map on a full disk
+    # killed the process with SIGBUS (no message at all).
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["path,date"]
+    for i in range(40):
+        Image.new("RGB", (64, 64), (i * 6, 100, 200 - i * 4)).save(images / f"{i}.png")
+        rows.append(f"{i}.png,{1900 + i}")
+    (images / "m.csv").write_text("\n".join(rows) + "\n")
+    # Leave 200 kB free: less than the 40 x 3 x 64 x 64 bytes (490 kB) of the cache.
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 200_000))
+    manifest = {"data.kind": "manifest", "data.manifest.path": str(images / "m.csv"), "data.image_size": 64,
+                "data.cache": "true", "data.cache_dir": str(small_disk / "cache"), "training.epochs": 1}
+    r = run_main(args(tmp_path / "runs", "cache", **manifest))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "cannot write the image cache" in one_error_line(r.stderr)
+    assert not list((small_disk / "cache").glob("*.npy")) and not list((small_disk / "cache").glob(".*tmp*"))
+    assert not (tmp_path / "runs" / "cache").exists(), "no run directory for a run that never started"
+
+
+def test_a_sweep_on_a_full_disk_is_one_line(small_disk):
+    _fill(small_disk)
+    r = subprocess.run([sys.executable, "-m", "train.sweep", "configs/sweep.yml", "--max-runs", "1",
+                        "--output-dir", str(small_disk), "--name", "s"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "No space left on device" in one_error_line(r.stderr)
+
+
+def test_a_train_split_with_one_date_is_refused_before_anything_is_written(out):
+    # torch's std of one value is NaN: that used to become the target standardization.
+    r = run_main(args(out, "one", **{"data.synthetic.num_train": 1}))
+    assert r.returncode == 2
+    assert "at least two different dates" in one_error_line(r.stderr)
+    assert list(out.iterdir()) == []
+
+
+def test_a_secret_in_the_run_name_is_refused_and_the_resume_line_redacts_secrets(out):
+    key = "k3y0123456789abcdef"
+    r = run_main(args(out, f"run-{key}"), WANDB_API_KEY=key)
+    assert r.returncode == 2 and key not in r.stderr and "contains a secret" in one_error_line(r.stderr)
+    proc = subprocess.Popen([sys.executable, MAIN, *args(out, "sig", **{**LONG, "logging.wandb.tags": f"[{key}]"})],
+                            cwd=ROOT, env=env(WANDB_API_KEY=key), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(out / "sig" / "checkpoints" / "state", proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and "Resume with:" in stderr
+    assert key not in stdout + stderr

@@ -98,6 +98,10 @@ class ExperimentConfig(_Section):
     def _plain_directory_name(cls, v):
         if v is not None and (not v.strip() or "/" in v or v in (".", "..")):
             raise ValueError("must be a plain directory name (no '/')")
+        if v is not None and redact_text(v) != v:
+            # The name becomes a directory, the W&B run name and part of console lines: no secrets in it.
+            raise ValueError("contains a secret (the value of WANDB_API_KEY or HF_TOKEN, or a token); "
+                             "choose another name")
         _path_text(v)
         if v is not None and len(v.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
             raise ValueError(f"must be at most {NAME_MAX_BYTES} bytes long (the file-system limit for a name)")

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import calendar
 import csv
+import errno
 import fcntl
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -308,14 +310,18 @@ class ManifestRows:
     problems: dict[int, str]  # row number -> reason, for rows already dropped
 
 
+def _unreadable_csv(csv_path: Path, e: Exception) -> UserError:
+    return UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e}); save it as UTF-8 (a spreadsheet's "
+                     "'CSV UTF-8')")
+
+
 def csv_header(csv_path: Path) -> list[str]:
     """The column names of a CSV, with the same error as ``read_manifest_rows`` for an unreadable file."""
     try:
         with Path(csv_path).open(newline="", encoding="utf-8-sig") as f:
             return next(csv.reader(f), [])
     except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e}); save it as UTF-8 (a spreadsheet's "
-                        "'CSV UTF-8')") from None
+        raise _unreadable_csv(csv_path, e) from None
 
 
 def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str, date_column: str | None,
@@ -341,8 +347,7 @@ def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str
                                 "(set data.manifest.*_column)")
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{csv_path}: not a readable UTF-8 CSV file ({e}); save it as UTF-8 (a spreadsheet's "
-                        "'CSV UTF-8')") from None
+        raise _unreadable_csv(csv_path, e) from None
     out = ManifestRows(csv_path, [], [], [], [], [], [], {})
     for row_number, row in enumerate(rows, start=2):  # row 1 is the header
         text = (row.get(path_column) or "").strip()
@@ -480,6 +485,18 @@ def cache_key(csv_path: Path, paths: list[Path], size: int) -> str:
     return h.hexdigest()[:24]
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a file's blocks now (ENOSPC here, not SIGBUS later); skipped where unsupported."""
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        return
+    with open(path, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
 def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, num_workers: int,
                  show_bar: bool) -> None:
     """Decode everything into ``array_file``, then write ``marker`` (the decode errors), each
@@ -487,6 +504,9 @@ def _build_cache(paths: list[Path], size: int, array_file: Path, marker: Path, n
     errors: dict[int, str] = {}
     with atomic_file(array_file) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+        # The memory map's file is sparse: on a full disk, writing into it would kill the process with
+        # SIGBUS. Reserving its blocks first turns that into an OSError (ENOSPC) before any decoding.
+        _reserve(tmp)
         for idx, imgs, errs in decode_all(paths, size, num_workers, "Caching images", show_bar):
             if idx:
                 arr[idx] = imgs.numpy()
@@ -692,7 +712,14 @@ def build_data(cfg: Config, is_local_main: bool = True, is_main: bool = True) ->
     # std over all train pixels = sqrt(mean of per-image variances + variance of per-image means)
     pixel_std = np.sqrt((stats[:, 3:] ** 2).mean(0) + stats[:, :3].var(0))
     target_mean = float(train.years.mean())
-    target_std = float(train.years.std()) or 1.0
+    # (torch's std of one value is NaN, which used to slip through as the standardization.)
+    target_std = float(train.years.std()) if len(train) > 1 else 0.0
+    if target_std == 0.0:
+        # The targets are standardized with the train split's date std: with one image, or one date
+        # for every image, there is nothing to standardize with (and nothing to learn).
+        where = d.manifest.path if d.kind == "manifest" else "data.synthetic.num_train"
+        raise UserError(f"{where}: the train split has {len(train)} image(s), all dated {train.years[0].item():.2f}; "
+                        "a date model needs at least two different dates to train on: add rows or change the split")
     for ds in (train, val, test):
         ds.mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
         ds.std = torch.tensor(np.maximum(pixel_std, 1e-6), dtype=torch.float32).view(3, 1, 1)

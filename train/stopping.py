@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from train.errors import EXIT_STOPPED, Stopped
+from train.redaction import redact_text
 
 
 class StopSignals:
@@ -160,7 +161,8 @@ class StopControl:
         launcher = "accelerate launch [same launcher options]" if "LOCAL_RANK" in os.environ else "python"
         return [
             f"Stopped: {why}; full state saved at epoch {epoch}, step {global_step} in {state_dir}",
-            f"Resume with: {launcher} train/main.py {resume_arguments(sys.argv[1:])} "
+            # Redacted: a secret given on the command line is not echoed (put it back when you run it).
+            f"Resume with: {launcher} train/main.py {redact_text(resume_arguments(sys.argv[1:]))} "
             f"experiment.name={self.run_name} --resume auto",
         ]
 
