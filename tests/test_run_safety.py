@@ -198,8 +198,12 @@ def test_resuming_on_a_read_only_disk_is_refused_before_training(small_disk):
     assert snapshot(small_disk / "ro") == before
 
 
-def test_nonfinite_loss_in_the_first_epoch_is_one_line(out):
-    r = run_main(args(out, "nan", **{"training.optimizer.lr": "1.0e12", "training.epochs": 1}))
+@pytest.mark.parametrize("log_every", [2, 1000], ids=["caught-at-a-log-step", "caught-at-the-epoch-end"])
+def test_nonfinite_loss_in_the_first_epoch_is_one_line(out, log_every):
+    # With no log step in the epoch, the epoch block is printed before any best value exists: it used
+    # to crash formatting None (TypeError) instead of stopping with the non-finite line.
+    r = run_main(args(out, "nan", **{"training.optimizer.lr": "1.0e12", "training.epochs": 2,
+                                     "logging.log_every_n_steps": log_every}))
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
     assert "non-finite" in one_error_line(r.stderr)
     assert "TypeError" not in r.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def _value(v: float | None) -> str:
-    return "none yet (never finite)" if v is None else f"{v:.6f}"
+    return "none finite yet" if v is None else f"{v:.6f}"
 
 
 def epoch_block(epoch: int, epochs: int, m: dict, improved: bool, patience: int | None = None,
