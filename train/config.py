@@ -442,6 +442,12 @@ class WandbConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard events under <run_dir>/tensorboard.")
+    jsonl: bool = Field(
+        True, description="Write <run_dir>/metrics.jsonl: every logged scalar, one JSON line per log call."
+    )
+    report: bool = Field(
+        True, description="Write <run_dir>/report.html (plots of the run) at the end; a drawing failure only warns."
+    )
     log_every_n_steps: int = Field(
         50, ge=1, le=COUNT_MAX, description="Log train/loss_step every this many optimizer steps."
     )

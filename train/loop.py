@@ -31,7 +31,7 @@ from train.checkpoints import BestCheckpoint, checkpoint_metadata, load_weights_
 from train.config import Config, parse_duration
 from train.console import early_stop_reason, epoch_block, print_results
 from train.data import Data, baselines, build_data, make_loaders
-from train.errors import NonFiniteLoss, UserError
+from train.errors import NonFiniteLoss, Stopped, UserError
 from train.fsutil import atomic_write_bytes
 from train.models import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler, lr_values
@@ -41,7 +41,8 @@ from train.state import (
     Progress, RunPlan, check_state_fits, open_run_dir, plan_run, restore_state, save_full_state,
 )
 from train.stopping import StopControl, all_finite
-from train.tracking import Tracking, log_model_artifact, wandb_run_id
+from train.records import write_predictions
+from train.tracking import PngImage, Tracking, log_model_artifact, log_rich, wandb_run_id
 
 
 def train(cfg: Config, resume: str | None = None, restart: bool = False) -> dict:
@@ -159,13 +160,17 @@ _NO_ACCUMULATION = nullcontext()
 def run_epochs(run: Run) -> None:
     """From the first epoch not done to the last, or until early stopping (or a stop) ends training."""
     cfg = run.cfg
-    for epoch in range(run.first_epoch(), cfg.training.epochs + 1):
-        if run.progress.finished:
-            break
-        totals, train_seconds = train_epoch(run, epoch)
-        val = evaluate(run.accelerator, run.model, run.val_loader, run.eval_loss, run.data.target_std,
-                       run.memory_format, keep=cfg.logging.log_predictions)
-        close_epoch(run, epoch, totals, train_seconds, val)
+    try:
+        for epoch in range(run.first_epoch(), cfg.training.epochs + 1):
+            if run.progress.finished:
+                break
+            totals, train_seconds = train_epoch(run, epoch)
+            val = evaluate(run.accelerator, run.model, run.val_loader, run.eval_loss, run.data.target_std,
+                           run.memory_format, keep=cfg.logging.log_predictions)
+            close_epoch(run, epoch, totals, train_seconds, val)
+    except Stopped:
+        publish_report(run)  # a run stopped to be resumed still gets its curves so far
+        raise
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
@@ -373,7 +378,7 @@ def test_and_report(run: Run) -> dict:
     else:
         run.say(f"warning: {cfg.training.early_stopping.monitor} was never finite; testing the last weights")
     test = evaluate(acc, run.model, run.test_loader, run.eval_loss, run.data.target_std, run.memory_format,
-                    keep=cfg.logging.log_predictions)
+                    keep=True)
     test_metrics = {f"test/{k}": v for k, v in test.items() if k not in ("n", "pred", "y")}
     acc.log(test_metrics, step=progress.global_step)
     run.logs.after_test(test, progress.global_step)
@@ -401,8 +406,41 @@ def test_and_report(run: Run) -> dict:
     }
     if acc.is_main_process:
         write_results(run.run_dir / "results.json", results)
+        write_test_predictions(run, test)
         print_results(results)
+    publish_report(run)
     return results
+
+
+def write_test_predictions(run: Run, test: dict) -> None:
+    """``predictions_test.csv`` from the gathered test predictions (dataset order)."""
+    d = run.data
+    true = test["y"].double().numpy() * d.target_std + d.target_mean
+    predicted = test["pred"].double().numpy() * d.target_std + d.target_mean
+    names = [str(p) for p in d.test.paths] if d.test.paths is not None else [f"test #{i}" for i in range(len(true))]
+    try:
+        write_predictions(run.run_dir / "predictions_test.csv", names, true, predicted)
+    except OSError as e:
+        raise UserError(f"could not write {run.run_dir / 'predictions_test.csv'} ({e.strerror or e}); results.json "
+                        "is written: free disk space, then run the same command with --resume auto") from None
+
+
+def publish_report(run: Run) -> None:
+    """``report.html`` and its figures in the trackers (main process). Drawing is never worth failing
+    a run for: any problem is a warning line and the run goes on to its normal end."""
+    if not (run.cfg.logging.report and run.accelerator.is_main_process):
+        return
+    try:
+        from train.report import run_figures, write_report
+
+        figures = {f"report/{name}": PngImage(png) for name, png in run_figures(run.run_dir).items()}
+        log_rich(run.accelerator, figures, step=run.progress.global_step)
+        path = write_report([run.run_dir], run.run_dir / "report.html")
+        run.say(f"  Report:  {path}")
+    except Exception as e:  # matplotlib missing, a font, a full disk: the results stand
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        run.say(f"warning: could not write the run report ({why}); the results are complete. Draw it later with: "
+                f"python -m train.report {run.run_dir}")
 
 
 def write_results(path: Path, results: dict) -> None:

@@ -27,6 +27,7 @@ from accelerate.utils import ProjectConfiguration
 
 from train.config import Config, flatten
 from train.errors import EXIT_FAILED, EXIT_STOPPED, UserError
+from train.records import JsonlTracker
 from train.redaction import redact, redact_text
 from train.runinfo import run_info
 
@@ -70,6 +71,20 @@ class Markdown:
     """Text for TensorBoard's TEXT tab; trackers without a text view skip it."""
 
     text: str
+
+
+@dataclass
+class PngImage:
+    """A picture (a figure of the run report) as PNG bytes: TensorBoard's IMAGES tab, a W&B image."""
+
+    data: bytes
+
+    def array(self) -> np.ndarray:
+        import io
+
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(self.data)).convert("RGB"))
 
 
 class RunTensorBoard(GeneralTracker):
@@ -140,6 +155,8 @@ class RunTensorBoard(GeneralTracker):
                                               v.counts.tolist(), global_step=step)
             elif isinstance(v, Markdown):
                 self.writer.add_text(key, v.text, global_step=step)
+            elif isinstance(v, PngImage):
+                self.writer.add_image(key, v.array(), global_step=step, dataformats="HWC")
             elif isinstance(v, (int, float)):
                 self.writer.add_scalar(key, v, global_step=step)
         self.writer.flush()
@@ -240,6 +257,8 @@ def tracker_list(cfg: Config, run_dir: Path, purge_step: int | None = None) -> l
         trackers.append(RunTensorBoard(run_dir / "tensorboard", purge_step=purge_step))
     if cfg.logging.wandb.enabled and wandb_mode(cfg) != "disabled":
         trackers.append("wandb")
+    if cfg.logging.jsonl:
+        trackers.append(JsonlTracker(run_dir / "metrics.jsonl", purge_step=purge_step))
     return trackers
 
 
@@ -269,6 +288,10 @@ def log_rich(accelerator: Accelerator, values: dict[str, Any], step: int, wandb:
     tb = tensorboard(accelerator)
     if tb is not None:
         tb.log_rich(values, step)
+    scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+    for tracker in accelerator.trackers:
+        if isinstance(tracker, JsonlTracker) and scalars:  # the plain record holds what TensorBoard plots
+            tracker.log(scalars, step)
     run = wandb_run(accelerator) if wandb else None
     if run is None:
         return
@@ -278,6 +301,8 @@ def log_rich(accelerator: Accelerator, values: dict[str, Any], step: int, wandb:
     for key, v in values.items():
         if isinstance(v, Histogram):
             out[key] = wb.Histogram(np_histogram=(v.counts.tolist(), v.edges.tolist()))
+        elif isinstance(v, PngImage):
+            out[key] = wb.Image(v.array())
         elif isinstance(v, WandbTable):
             rows = [[wb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in v.rows]
             out[key] = wb.Table(columns=v.columns, data=rows)
