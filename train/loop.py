@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from train.checkpoints import BestCheckpoint, checkpoint_metadata, load_weights_strict
 from train.config import Config, parse_duration
-from train.console import early_stop_reason, epoch_block, print_results
+from train.console import early_stop_reason, epoch_block, print_results, progress_bar, startup_summary
 from train.data import Data, baselines, build_data, make_loaders
 from train.errors import NonFiniteLoss, Stopped, UserError
 from train.fsutil import atomic_write_bytes
@@ -142,12 +142,33 @@ def start_run(cfg: Config, accelerator: Accelerator, model, optimizer, loaders, 
     stop = StopControl(accelerator, t.max_time, parse_duration(t.max_time) if t.max_time else None,
                        plan.run_dir, plan.name)
     clip_norm = t.max_grad_norm or (math.inf if t.on_nonfinite == "skip_step" else None)
-    return Run(
+    run = Run(
         cfg, accelerator, model, optimizer, scheduler, step_per_batch, train_loader, val_loader, test_loader, data,
         progress, plan.run_dir, best, stop, OptionalLogs(accelerator, model, cfg, data), build_loss(cfg),
         build_loss(cfg, reduction="none"), memory_format(cfg), clip_norm,
         lr_used=[g["lr"] for g in optimizer.param_groups], val_samples=progress.val_samples,
     )
+    run.say(startup_summary(startup_facts(run, steps_per_epoch, resumed=plan.progress is not None)))
+    return run
+
+
+def startup_facts(run: Run, steps_per_epoch: int, resumed: bool) -> dict:
+    """What ``console.startup_summary`` prints: model size, data, processes, schedule, trackers."""
+    cfg, acc, d, p = run.cfg, run.accelerator, run.data, run.progress
+    params = list(acc.unwrap_model(run.model).parameters())
+    data_kind = cfg.data.kind + (" (cached)" if cfg.data.kind == "manifest" and cfg.data.cache else "")
+    return {
+        "name": p.run_name, "run_dir": run.run_dir, "model": cfg.model.name,
+        "trainable": sum(t.numel() for t in params if t.requires_grad), "total": sum(t.numel() for t in params),
+        "bytes": sum(t.numel() * t.element_size() for t in params), "data": data_kind,
+        "image_size": cfg.data.image_size, "n_train": len(d.train), "n_val": len(d.val), "n_test": len(d.test),
+        "cache": "", "processes": acc.num_processes, "device": acc.device.type, "precision": acc.mixed_precision,
+        "threads": torch.get_num_threads(), "epochs": cfg.training.epochs, "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * cfg.training.epochs, "batch": cfg.data.batch_size,
+        "accumulation": cfg.training.gradient_accumulation_steps,
+        "resume": f"; resuming at epoch {p.epoch}, step {p.global_step}" if resumed else "",
+        "trackers": [t.name for t in acc.trackers],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,8 +210,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
     progress.epoch, progress.epoch_done, progress.batches_done = epoch, False, skip
     t0, run.clock = time.perf_counter(), EpochClock()
     show = acc.is_local_main_process and cfg.logging.progress_bar
-    bar = tqdm(total=len(run.train_loader), initial=skip, desc=f"Epoch {epoch}/{cfg.training.epochs}", leave=False,
-               disable=not show)
+    bar = progress_bar(len(run.train_loader), skip, f"Epoch {epoch}/{cfg.training.epochs}", show)
     # accumulate() matters only with several micro-batches per optimizer step; its context
     # manager alone costs ~7 us a step, which is measurable on small models (benchmarks/).
     accumulating = cfg.training.gradient_accumulation_steps > 1
@@ -292,8 +312,11 @@ def close_epoch(run: Run, epoch: int, totals: torch.Tensor, train_seconds: float
     acc.log(metrics, step=progress.global_step)
     run.logs.after_validation(val, epoch, progress.finished, progress.global_step)
     es = cfg.training.early_stopping
+    run.epoch_seconds.append(run.clock.wall())
+    run.epoch_cpu_seconds.append(run.clock.cpu())
+    left = 0.0 if progress.finished else (cfg.training.epochs - epoch) * sum(run.epoch_seconds) / len(run.epoch_seconds)
     run.say(epoch_block(epoch, cfg.training.epochs, metrics, improved, es.patience if es.enabled else None,
-                        progress.bad_epochs, progress.best_value, progress.best_epoch))
+                        progress.bad_epochs, progress.best_value, progress.best_epoch, seconds_left=left))
     if run.scheduler is not None and not run.step_per_batch:
         # Every process computed the same gathered value, so every process steps alike.
         value = metrics[es.monitor]
@@ -303,8 +326,6 @@ def close_epoch(run: Run, epoch: int, totals: torch.Tensor, train_seconds: float
         run.say(f"Early stopping at epoch {epoch}: {reason}")
         acc.log({"early_stopping/stopped_epoch": epoch, "early_stopping/reason": reason}, step=progress.global_step)
     progress.batches_done = 0
-    run.epoch_seconds.append(run.clock.wall())
-    run.epoch_cpu_seconds.append(run.clock.cpu())
     reason = run.stop.at_epoch_end(progress.finished)
     every = cfg.checkpoint.every_n_epochs
     state_dir = None
