@@ -32,7 +32,8 @@ def epoch_block(epoch: int, epochs: int, m: dict, improved: bool, patience: int 
         block += (f"\n  Early stopping: no improvement for {bad_epochs}/{patience} epochs "
                   f"(best {_value(best_value)}{where})")
     if seconds_left is not None:
-        block += f"\n  Time: {duration(m['epoch_time_s'])} training this epoch, about {duration(seconds_left)} left"
+        left = f", about {duration(seconds_left)} left" if seconds_left > 0 else ""  # 0: the last epoch
+        block += f"\n  Time: {duration(m['epoch_time_s'])} training this epoch{left}"
     return block
 
 
