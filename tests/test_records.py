@@ -89,7 +89,8 @@ def test_redirected_console_has_plain_progress_lines_and_a_true_startup_summary(
     assert "Data:       synthetic 32x32 px: 512 train / 70 val / 64 test images" in r.stdout
     assert "Schedule:   3 epochs x 16 optimizer steps = 48 steps" in r.stdout
     assert "warning: the test split has only 64 images" in r.stdout
-    assert r.stdout.count(" left") == 2 and "Val MAE:" in r.stdout  # no estimate after the last epoch and "years" in r.stdout
+    assert r.stdout.count(" left") == 2, "a time estimate after every epoch but the last"
+    assert "Val MAE:" in r.stdout and "years" in r.stdout
 
 
 def test_after_kill_9_and_resume_no_step_appears_twice(finished, out):
