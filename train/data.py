@@ -308,6 +308,7 @@ class ManifestRows:
     splits: list[str]  # "" without a split column
     groups: list[str]  # "" without a group column
     problems: dict[int, str]  # row number -> reason, for rows already dropped
+    missing: dict[int, str] = field(default_factory=dict)  # row number -> path text, of the missing-file problems
 
 
 def _unreadable_csv(csv_path: Path, e: Exception) -> UserError:
@@ -369,6 +370,7 @@ def read_manifest_rows(csv_path: Path, image_root: Path | None, path_column: str
             continue
         if not p.is_file():
             out.problems[row_number] = f"image '{p}' not found"
+            out.missing[row_number] = text
             continue
         out.row_numbers.append(row_number)
         out.texts.append(text)
@@ -579,7 +581,7 @@ def _first_pass(cfg: Config, rows: "ManifestRows", csv_path: Path, local_main: b
     if not d.cache:
         stats, errors = scan_images(rows.paths, d.image_size, d.num_workers, show_bar)
         return stats, None, errors
-    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.experiment.output_dir) / ".cache"
+    cache_dir = _cache_dir(cfg)
     key = cache_key(csv_path, rows.paths, d.image_size)
     try:
         cache_file, errors = ensure_cache(rows.paths, d.image_size, cache_dir, key, builder=local_main,
@@ -595,12 +597,8 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
 
     ``local_main``: this process builds the image cache for its machine (the others wait for it);
     ``main``: this process prints the skipped-rows note."""
-    d, m, seed = cfg.data, cfg.data.manifest, cfg.experiment.seed
-    if not m.path or not Path(m.path).is_file():
-        raise UserError(f"data.manifest.path: '{m.path}' not found "
-                        f"(a CSV with columns '{m.path_column}' and '{m.date_column}')")
-    rows = read_manifest_rows(Path(m.path), Path(m.image_root) if m.image_root else None, m.path_column, m.date_column,
-                              m.split_column, m.group_column)
+    d = cfg.data
+    rows = read_config_manifest(cfg)
     csv_path, problems = rows.csv_path, dict(rows.problems)
     show_bar = local_main and cfg.logging.progress_bar
 
@@ -614,24 +612,8 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
     if problems and main:
         print(f"note: skipped {len(problems)} bad row(s) of {csv_path} (data.on_bad_row=skip); "
               f"first: {skipped[0]}", file=sys.stderr)
-    good = np.asarray([i for i in range(len(rows.paths)) if i not in errors], dtype=np.int64)
-    if len(good) == 0:
-        raise UserError(f"{csv_path}: no usable rows")
-
+    idx = manifest_split_indices(cfg, rows, errors)
     years = np.asarray(rows.years, dtype=np.float64)
-    if m.split_column:
-        split_arr = np.asarray(rows.splits)[good]
-        idx = [good[split_arr == s] for s in ("train", "val", "test")]
-        if m.group_column:
-            _check_groups_do_not_straddle(csv_path, rows, idx)
-    else:
-        keys = [rows.groups[i] if rows.groups[i] else f"\0path\0{rows.paths[i]}" for i in good]
-        idx = [good[ix] for ix in split_rows(keys, m.val_fraction, m.test_fraction, seed)]
-    for name, ix in zip(("train", "val", "test"), idx):
-        if len(ix) == 0:
-            raise UserError(f"{csv_path}: the {name} split is empty ({len(good)} usable rows); "
-                            "add rows or change the split")
-
     datasets = []
     for ix in idx:
         if cache_file is not None:
@@ -643,6 +625,61 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
         ds.row_numbers = [rows.row_numbers[i] for i in ix]
         datasets.append(ds)
     return datasets, len(problems), skipped
+
+
+def read_config_manifest(cfg: Config) -> ManifestRows:
+    """The rows of ``data.manifest.path`` read with the config's column options, as the trainer reads them."""
+    m = cfg.data.manifest
+    if not m.path or not Path(m.path).is_file():
+        raise UserError(f"data.manifest.path: '{m.path}' not found "
+                        f"(a CSV with columns '{m.path_column}' and '{m.date_column}')")
+    return read_manifest_rows(Path(m.path), Path(m.image_root) if m.image_root else None, m.path_column, m.date_column,
+                              m.split_column, m.group_column)
+
+
+def manifest_split_indices(cfg: Config, rows: ManifestRows, errors: dict[int, str]) -> list[np.ndarray]:
+    """The trainer's ``(train, val, test)`` split: index arrays into ``rows`` (from ``read_config_manifest``),
+    in dataset order, leaving out the rows in ``errors`` (index -> why the image does not decode).
+
+    Only the split column or the seeded random split (``experiment.seed``, ``data.manifest.*``) decide;
+    the random split depends on which rows are left out, so ``errors`` must be the decode errors the
+    run had (``train.predict --split`` rebuilds a run's split through here). Raises ``UserError`` for
+    no usable row, an empty split, or a group found in several splits of the split column.
+    """
+    m, csv_path = cfg.data.manifest, rows.csv_path
+    good = np.asarray([i for i in range(len(rows.paths)) if i not in errors], dtype=np.int64)
+    if len(good) == 0:
+        raise UserError(f"{csv_path}: no usable rows")
+    if m.split_column:
+        split_arr = np.asarray(rows.splits)[good]
+        idx = [good[split_arr == s] for s in ("train", "val", "test")]
+        if m.group_column:
+            _check_groups_do_not_straddle(csv_path, rows, idx)
+    else:
+        keys = [rows.groups[i] if rows.groups[i] else f"\0path\0{rows.paths[i]}" for i in good]
+        idx = [good[ix] for ix in split_rows(keys, m.val_fraction, m.test_fraction, cfg.experiment.seed)]
+    for name, ix in zip(("train", "val", "test"), idx):
+        if len(ix) == 0:
+            raise UserError(f"{csv_path}: the {name} split is empty ({len(good)} usable rows); "
+                            "add rows or change the split")
+    return idx
+
+
+def _cache_dir(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.experiment.output_dir) / ".cache"
+
+
+def cached_decode_errors(cfg: Config, rows: ManifestRows) -> dict[int, str] | None:
+    """The decode errors (index -> reason) recorded by a finished ``data.cache`` of exactly these rows,
+    files and image size; ``None`` without such a cache. Reads the marker only, decodes nothing."""
+    if not cfg.data.cache:
+        return None
+    marker = _cache_dir(cfg) / f"{cache_key(rows.csv_path, rows.paths, cfg.data.image_size)}.json"
+    try:
+        info = json.loads(marker.read_text())
+        return {int(k): v for k, v in info["errors"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _check_groups_do_not_straddle(csv_path: Path, rows: ManifestRows, idx: list[np.ndarray]) -> None:
