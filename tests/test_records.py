@@ -114,3 +114,23 @@ def test_after_kill_9_and_resume_no_step_appears_twice(finished, out):
     assert len({(s, tuple(k)) for s, k in resumed}) == len(resumed), "no record twice"
     assert resumed == shape(finished[0])
     assert_same_as_tensorboard(out / "k")
+
+
+def test_the_summary_says_whether_the_image_cache_was_built_or_reused(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["path,date"] + [f"{i}.png,{1900 + 3 * i}" for i in range(40)]
+    for i in range(40):
+        Image.new("RGB", (20, 20), (i * 6, 100, 200 - i * 4)).save(images / f"{i}.png")
+    (images / "m.csv").write_text("\n".join(rows) + "\n")
+    manifest = {"data.kind": "manifest", "data.manifest.path": str(images / "m.csv"), "data.image_size": 16,
+                "data.cache": "true", "training.epochs": 1, "logging.progress_bar": "true"}
+    first = run_main(args(tmp_path / "runs", "c1", **manifest))
+    second = run_main(args(tmp_path / "runs", "c2", **manifest))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    assert "Data:       manifest (cached) 16x16 px" in first.stdout and "image cache built: " in first.stdout
+    assert "image cache reused: " in second.stdout
+    assert "\r" not in first.stdout + first.stderr, "the caching progress is plain lines in a file too"
+    assert "Caching images: 100% (40/40 images" in first.stdout

@@ -100,8 +100,8 @@ class PlainProgress:
     of the epoch instead of tqdm's carriage-return updates, which fill such files. ``update`` is a
     counter and a comparison, cheap enough for every step."""
 
-    def __init__(self, total: int, initial: int, desc: str, percent: int = 10):
-        self.total, self.n, self.start, self.desc = total, initial, initial, desc
+    def __init__(self, total: int, initial: int, desc: str, percent: int = 10, unit: str = "batches"):
+        self.total, self.n, self.start, self.desc, self.unit = total, initial, initial, desc, unit
         self.every = max(1, math.ceil(total * percent / 100))
         self.next = (initial // self.every + 1) * self.every
         self.postfix = ""
@@ -112,7 +112,7 @@ class PlainProgress:
         if self.n >= self.next:
             self.next += self.every
             rate = (self.n - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"{self.desc}: {100 * self.n // self.total:3d}% ({self.n}/{self.total} batches, {rate:.1f}/s)"
+            print(f"{self.desc}: {100 * self.n // self.total:3d}% ({self.n}/{self.total} {self.unit}, {rate:.1f}/s)"
                   f"{self.postfix}", flush=True)
 
     def set_postfix(self, loss: str) -> None:
@@ -122,8 +122,8 @@ class PlainProgress:
         pass
 
 
-def progress_bar(total: int, initial: int, desc: str, show: bool):
+def progress_bar(total: int, initial: int, desc: str, show: bool, unit: str = "batches"):
     """tqdm on a terminal, ``PlainProgress`` lines when stderr is redirected, nothing when not shown."""
     if show and not sys.stderr.isatty():
-        return PlainProgress(total, initial, desc)
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not show)
+        return PlainProgress(total, initial, desc, unit=unit)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not show, unit=unit[:-1] or unit)

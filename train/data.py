@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train.config import YEAR_RANGE, AugmentConfig, Config, DataConfig
+from train.console import progress_bar
 from train.errors import UserError
 from train.fsutil import atomic_file, atomic_write_bytes
 
@@ -220,6 +221,7 @@ class Data:
     pixel_std: list[float]
     skipped_rows: int = 0  # manifest rows dropped under data.on_bad_row=skip
     bad_rows: list[str] = field(default_factory=list)  # their reasons, "row N: ..."
+    cache_note: str = ""  # with data.cache: "image cache built: <file>" or "... reused: <file>"
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -444,7 +446,6 @@ def _image_stats(x: torch.Tensor) -> torch.Tensor:
 
 def decode_all(paths: list[Path], size: int, num_workers: int, desc: str, show_bar: bool, batch_size: int = 32):
     """Decode every file in parallel; yield ``(indices, uint8 images [B,3,S,S], {index: error})``."""
-    from tqdm.auto import tqdm
 
     def collate(items):
         ok = [(i, img) for i, img, _ in items if img is not None]
@@ -454,10 +455,13 @@ def decode_all(paths: list[Path], size: int, num_workers: int, desc: str, show_b
 
     loader = DataLoader(_DecodeAll(paths, size), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                         pin_memory=torch.cuda.is_available())
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not show_bar, leave=False) as bar:
+    bar = progress_bar(len(paths), 0, desc, show_bar, unit="images")
+    try:
         for batch in loader:
             yield batch
             bar.update(len(batch[0]) + len(batch[2]))
+    finally:
+        bar.close()
 
 
 def scan_images(paths: list[Path], size: int, num_workers: int,
@@ -576,20 +580,22 @@ def _cached_stats(ds: CachedImages, chunk: int = 1024) -> np.ndarray:
 
 def _first_pass(cfg: Config, rows: "ManifestRows", csv_path: Path, local_main: bool, show_bar: bool):
     """Decode every image once: it finds undecodable files before training and yields pixel stats
-    (or, with ``data.cache``, fills the cache). Returns ``(stats or None, cache file or None, errors)``."""
+    (or, with ``data.cache``, fills the cache). Returns ``(stats or None, cache file or None, errors,
+    what happened to the cache)``."""
     d = cfg.data
     if not d.cache:
         stats, errors = scan_images(rows.paths, d.image_size, d.num_workers, show_bar)
-        return stats, None, errors
+        return stats, None, errors, ""
     cache_dir = _cache_dir(cfg)
     key = cache_key(csv_path, rows.paths, d.image_size)
+    reused = (cache_dir / f"{key}.json").is_file()  # the completion marker: nothing to decode
     try:
         cache_file, errors = ensure_cache(rows.paths, d.image_size, cache_dir, key, builder=local_main,
                                           num_workers=d.num_workers, show_bar=show_bar)
     except OSError as e:
         raise UserError(f"data.cache_dir: cannot write the image cache in '{cache_dir}' ({e.strerror or e}); "
                         "free disk space or set data.cache_dir") from None
-    return None, cache_file, errors
+    return None, cache_file, errors, f"image cache {'reused' if reused else 'built'}: {cache_file}"
 
 
 def _read_manifest(cfg: Config, local_main: bool, main: bool):
@@ -602,7 +608,7 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
     csv_path, problems = rows.csv_path, dict(rows.problems)
     show_bar = local_main and cfg.logging.progress_bar
 
-    stats, cache_file, errors = _first_pass(cfg, rows, csv_path, local_main, show_bar)
+    stats, cache_file, errors, cache_note = _first_pass(cfg, rows, csv_path, local_main, show_bar)
     for i, err in errors.items():
         problems[rows.row_numbers[i]] = err
 
@@ -624,7 +630,7 @@ def _read_manifest(cfg: Config, local_main: bool, main: bool):
             ds.stats = stats[ix]
         ds.row_numbers = [rows.row_numbers[i] for i in ix]
         datasets.append(ds)
-    return datasets, len(problems), skipped
+    return datasets, len(problems), skipped, cache_note
 
 
 def read_config_manifest(cfg: Config) -> ManifestRows:
@@ -739,15 +745,17 @@ def build_data(cfg: Config, is_local_main: bool = True, is_main: bool = True) ->
     """
     d = cfg.data
     seed = cfg.experiment.seed
-    skipped, bad = 0, []
+    skipped, bad, cache_note = 0, [], ""
     if d.kind == "synthetic":
         train, val, test = _make_synthetic(d, seed)
     else:
-        (train, val, test), skipped, bad = _read_manifest(cfg, is_local_main, is_main)
+        (train, val, test), skipped, bad, cache_note = _read_manifest(cfg, is_local_main, is_main)
     stats = channel_stats(train, num_workers=d.num_workers)
     pixel_mean = stats[:, :3].mean(0)
     # std over all train pixels = sqrt(mean of per-image variances + variance of per-image means)
-    pixel_std = np.sqrt((stats[:, 3:] ** 2).mean(0) + stats[:, :3].var(0))
+    # Floored: a channel that never varies (a constant tint) must not divide by zero, and the
+    # checkpoint must carry the value that was used.
+    pixel_std = np.maximum(np.sqrt((stats[:, 3:] ** 2).mean(0) + stats[:, :3].var(0)), 1e-6)
     target_mean = float(train.years.mean())
     # (torch's std of one value is NaN, which used to slip through as the standardization.)
     target_std = float(train.years.std()) if len(train) > 1 else 0.0
@@ -759,11 +767,12 @@ def build_data(cfg: Config, is_local_main: bool = True, is_main: bool = True) ->
                         "a date model needs at least two different dates to train on: add rows or change the split")
     for ds in (train, val, test):
         ds.mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
-        ds.std = torch.tensor(np.maximum(pixel_std, 1e-6), dtype=torch.float32).view(3, 1, 1)
+        ds.std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
         ds.target_mean, ds.target_std = target_mean, target_std
     if _augments(d.augment):
         train.augment, train.seed = d.augment, seed  # train only: val/test measure the plain images
-    return Data(train, val, test, target_mean, target_std, pixel_mean.tolist(), pixel_std.tolist(), skipped, bad)
+    return Data(train, val, test, target_mean, target_std, pixel_mean.tolist(), pixel_std.tolist(), skipped, bad,
+                cache_note)
 
 
 def make_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader, DataLoader]:
