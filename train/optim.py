@@ -15,14 +15,30 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     parameters (decaying those only pulls them to zero; nanoGPT and HF Trainer split the same way)."""
     o = cfg.training.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
+    lrs = group_lrs(cfg)
     groups = [
-        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay,
+         "lr": lrs["decay"]},
+        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lrs["no_decay"]},
     ]
     groups = [g for g in groups if g["params"]]
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+
+
+def group_lrs(cfg: Config) -> dict[str, float]:
+    """The peak lr of each named parameter group. Today every group gets ``training.optimizer.lr``; a
+    per-group lr (e.g. a smaller one for a pretrained backbone) goes here, and the lr tags follow."""
+    lr = cfg.training.optimizer.lr
+    return {"decay": lr, "no_decay": lr}
+
+
+def lr_tags(cfg: Config) -> list[str]:
+    """The lr curves worth drawing for a run of ``cfg`` (the tracker's chart layout): ``lr/<group>``
+    when the groups' lrs differ (``lr_values`` logs them then), else ``lr`` alone."""
+    lrs = group_lrs(cfg)
+    return [f"lr/{name}" for name in lrs] if len(set(lrs.values())) > 1 else ["lr"]
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -66,6 +82,14 @@ def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
 
 
 def lr_values(optimizer: torch.optim.Optimizer, lrs: list[float]) -> dict[str, float]:
-    """``lr`` (the first group's, shown on the console) and ``lr/<group name>`` for every group."""
-    groups = zip(optimizer.param_groups, lrs)
-    return {"lr": lrs[0], **{f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(groups)}}
+    """``lr`` (the first group's, shown on the console), and ``lr/<group name>`` for every group only
+    when the groups' lrs differ: equal ones would log the same curve three times.
+
+    "Differ" is decided on the groups' lrs before any schedule (``initial_lr``, set by the schedulers)
+    as well as on ``lrs``, so a tag never drops out for the steps where a schedule happens to bring
+    different lrs to the same value (a cosine warmup starts every group at 0)."""
+    values = {"lr": lrs[0]}
+    initial = {g.get("initial_lr", lr) for g, lr in zip(optimizer.param_groups, lrs)}
+    if len(initial) > 1 or len(set(lrs)) > 1:
+        values.update({f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, lrs))})
+    return values

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,8 +26,9 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import ProjectConfiguration
 
-from train.config import Config, flatten
+from train.config import Config, flatten, to_yaml
 from train.errors import EXIT_FAILED, EXIT_STOPPED, UserError
+from train.optim import lr_tags
 from train.records import JsonlTracker
 from train.redaction import redact, redact_text
 from train.runinfo import run_info
@@ -87,29 +89,166 @@ class PngImage:
         return np.asarray(Image.open(io.BytesIO(self.data)).convert("RGB"))
 
 
+# --------------------------------------------------------------------------------------------------
+# TensorBoard as a person sees it: the charts that answer "is it learning?", a unit on every scalar,
+# and a HPARAMS table with the columns runs are compared by.
+# --------------------------------------------------------------------------------------------------
+
+# The HPARAMS columns, in this order (the full config is the TEXT entry "config" and config.yaml);
+# any model.head* key a future model adds goes right after the model's.
+HPARAM_MODEL_KEYS = ("model.name", "model.channels", "model.hidden", "model.norm", "model.dropout")
+HPARAM_KEYS = (
+    "training.optimizer.name", "training.optimizer.lr", "training.optimizer.weight_decay", "data.batch_size",
+    "training.scheduler.name", "training.epochs", "training.loss", "data.augment.hflip",
+    "data.augment.crop_scale_min", "data.augment.brightness", "experiment.seed", "training.mixed_precision",
+)
+# Declared for the HPARAMS tab, which shows them next to the hyperparameters.
+HPARAM_METRICS = ("val/rmse", "val/loss", "test/rmse", "test/mae")
+
+_LOSS_NAMES = {"mse": "mean squared error", "huber": "Huber loss", "l1": "mean absolute error"}
+_SPLITS = {"train": "the training batches of the epoch (train mode: dropout and augmentation on)",
+           "val": "the validation split", "test": "the test split, with the best weights"}
+_GB = "in GiB (2^30 bytes)"
+# Tags with a fixed name -> what the value is, with its unit ({loss}: the configured loss's name).
+SCALAR_DESCRIPTIONS = {
+    "train/loss_step": "training loss of one optimizer step's batch (mean over the processes): the {loss} of the "
+                       "predicted date in standardized units ((year - train mean) / train std), without a unit",
+    "lr": "learning rate of the optimizer step (the first parameter group's, the one the console prints); "
+          "a factor on the update, without a unit",
+    "epoch": "epoch number (1 = the first), a count of epochs",
+    "epoch_time_s": "time spent training in the epoch (mid-epoch state saves included, validation not), in seconds",
+    "samples_per_s": "training samples per second over the epoch, all processes together, in samples/s",
+    "train/skipped_steps": "optimizer steps skipped so far for non-finite gradients (training.on_nonfinite="
+                           "skip_step), a count of steps",
+    "data/skipped_rows": "manifest rows skipped as unreadable (data.on_bad_row=skip), a count of rows",
+    "early_stopping/bad_epochs": "epochs in a row without an improvement of the monitored metric, in epochs",
+    "early_stopping/patience_left": "epochs without improvement left before early stopping ends the run, in epochs",
+    "early_stopping/stopped_epoch": "the epoch after which early stopping ended the run, an epoch number",
+    "grad_norm/total": "L2 norm of all gradients together (what training.max_grad_norm clips), unscaled, "
+                       "without a unit",
+    "system/rss_gb": "resident memory of the main process, " + _GB,
+    "system/cpu_percent": "CPU use of the main process since the previous epoch end, in percent of one core "
+                          "(100 = one core busy)",
+    "system/cuda_allocated_gb": "GPU memory held by tensors of the main process, " + _GB,
+    "system/cuda_reserved_gb": "GPU memory reserved by PyTorch's caching allocator of the main process, " + _GB,
+    "system/cuda_peak_allocated_gb": "peak GPU memory held by tensors of the main process since the start, " + _GB,
+}
+
+
+def scalar_description(tag: str, loss: str = "mse") -> str | None:
+    """What a scalar tag's value is, with its unit ("val/rmse: root mean squared error of the predicted
+    date on the validation split, in years"); None for a tag this list does not know."""
+    loss_name = _LOSS_NAMES.get(loss, loss)
+    split, _, metric = tag.partition("/")
+    if split in _SPLITS and metric in ("rmse", "mae", "loss"):
+        what = {"rmse": "root mean squared error of the predicted date on {s}, in years",
+                "mae": "mean absolute error of the predicted date on {s}, in years",
+                "loss": "loss on {s}: the {loss} of the predicted date in standardized units "
+                        "((year - train mean) / train std), without a unit"}[metric]
+        return f"{tag}: " + what.format(s=_SPLITS[split], loss=loss_name)
+    if split in ("val", "test") and metric.startswith("rmse_by_decade/"):
+        decade = metric.rsplit("/", 1)[1]
+        return f"{tag}: RMSE of the predicted date on {_SPLITS[split]}, images dated in the {decade} only, in years"
+    if split == "best" and metric in ("rmse", "mae", "loss"):
+        unit = "in years" if metric != "loss" else "standardized, without a unit"
+        return f"{tag}: best validation {metric} so far (the early-stopping monitor; best.safetensors holds it), {unit}"
+    if split == "lr" and metric:
+        return f"{tag}: learning rate of the parameter group '{metric}' at the optimizer step, without a unit"
+    if split == "grad_norm" and metric and tag not in SCALAR_DESCRIPTIONS:
+        return f"{tag}: L2 norm of the gradients of layer {metric} (weights and bias), unscaled, without a unit"
+    text = SCALAR_DESCRIPTIONS.get(tag)
+    return f"{tag}: " + text.format(loss=loss_name) if text else None
+
+
+def _lines(*tags: str) -> list:
+    """A multiline chart of exactly these tags (the layout takes regular expressions, matched at the start)."""
+    return ["Multiline", [re.escape(t) + "$" for t in tags]]
+
+
+def scalar_layout(lr_chart: list[str]) -> dict:
+    """The CUSTOM SCALARS tab: one screen that says whether the run learns, every tag one the run logs."""
+    return {
+        "Training at a glance": {
+            "Loss: train vs val": _lines("train/loss", "val/loss"),
+            "RMSE (years): train vs val": _lines("train/rmse", "val/rmse"),
+            "MAE (years)": _lines("val/mae", "test/mae"),
+            "Learning rate": _lines(*lr_chart),
+            # Two charts: on one axis, 0.1 s epochs lie flat under thousands of samples/s.
+            "Throughput (samples/s)": _lines("samples_per_s"),
+            "Epoch time (s)": _lines("epoch_time_s"),
+        }
+    }
+
+
+def hparams_of(values: dict[str, Any], mixed_precision: str | None = None) -> dict[str, Any]:
+    """The HPARAMS columns from the flattened config: what runs are compared by. A config that leaves
+    ``training.mixed_precision`` to the launcher (null) shows the precision the run used."""
+    heads = sorted(k for k in values if k == "model.head" or k.startswith("model.head."))
+    picked = {k: values[k] for k in (*HPARAM_MODEL_KEYS, *heads, *HPARAM_KEYS) if k in values}
+    if picked.get("training.mixed_precision") is None and mixed_precision:
+        picked["training.mixed_precision"] = mixed_precision
+    return {k: ("null" if v is None else v) for k, v in picked.items()}
+
+
+@dataclass
+class BoardView:
+    """What the TensorBoard tracker takes from the config for its first screens."""
+
+    lr_chart: list[str] = field(default_factory=lambda: ["lr"])  # the "Learning rate" chart's tags
+    loss: str = "mse"  # named in the loss descriptions
+    mixed_precision: str | None = None  # the run's effective precision (HPARAMS)
+    config_file: Path | None = None  # config.yaml: the TEXT entry "config"
+    config_text: str = ""  # the resolved config (redacted), when config_file cannot be read
+
+    @classmethod
+    def of(cls, cfg: Config, run_dir: Path, mixed_precision: str | None = None) -> "BoardView":
+        return cls(lr_tags(cfg), cfg.training.loss, mixed_precision, run_dir / "config.yaml", to_yaml(cfg))
+
+    def config_markdown(self) -> str:
+        """The config as a markdown code block (the TEXT tab renders markdown)."""
+        text = self.config_text
+        if self.config_file is not None:
+            try:
+                text = self.config_file.read_text()
+            except OSError:
+                pass
+        return "\n".join("    " + line for line in redact_text(text).splitlines())
+
+
 class RunTensorBoard(GeneralTracker):
     """TensorBoard writer at ``<run_dir>/tensorboard``: one event stream per training run.
 
     Accelerate's own TensorBoard tracker writes under ``<logging_dir>/<project_name>``, calls
     ``add_hparams`` (which opens a new timestamped sub-run and crashes on list values) and drops
     ``np.float32`` values; this one writes the hparams into the same stream and logs any real number.
+
+    At the start it writes the CUSTOM SCALARS layout (``scalar_layout``), the curated HPARAMS
+    (``hparams_of``) and the full config as the TEXT entry ``config``; the first value of every scalar
+    tag carries its description with the unit (``scalar_description``), which TensorBoard shows with
+    the chart.
     """
 
     name = "tensorboard"
     requires_logging_directory = False
 
-    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None, view: BoardView | None = None):
         super().__init__()
         self.log_dir = str(log_dir)
         self.purge_step = purge_step
+        self.view = view or BoardView()
         self.writer = None
         self.exit_code = 0
+        self.described: set[str] = set()  # tags whose description is written (once per event file)
+        self.summary_type = None
 
     @on_main_process
     def start(self):
+        from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
 
+        self.summary_type = Summary  # looked up once: log() builds one per call
         self.writer = SummaryWriter(self.log_dir, purge_step=self.purge_step)
+        self.writer.add_custom_scalars(scalar_layout(self.view.lr_chart))
 
     @property
     def tracker(self):
@@ -119,19 +258,41 @@ class RunTensorBoard(GeneralTracker):
     def store_init_configuration(self, values: dict):
         from torch.utils.tensorboard.summary import hparams
 
-        clean = {k: ("null" if v is None else v) for k, v in values.items()}
-        # Declaring the metrics lets the HPARAMS tab show them next to the hyperparameters.
-        metrics = {"val/rmse": 0.0, "val/loss": 0.0, "test/rmse": 0.0, "test/mae": 0.0}
-        experiment, session_start, _ = hparams(clean, metrics)
+        experiment, session_start, _ = hparams(hparams_of(values, self.view.mixed_precision),
+                                               dict.fromkeys(HPARAM_METRICS, 0.0))
         # The session-end record (success or failure) is written by finish(), once the outcome is known.
         self.writer.file_writer.add_summary(experiment)
         self.writer.file_writer.add_summary(session_start)
+        # A resumed run writes it again at the step it resumes from (its TEXT tab then shows both).
+        self.writer.add_text("config", self.view.config_markdown(), global_step=self.purge_step or 0)
         self.writer.flush()
+
+    def _scalar(self, key: str, value: float):
+        """One value of a scalar summary; the first of its tag carries the description (TensorBoard
+        keeps a tag's first metadata, as TensorFlow's own writer strips it from the later values).
+
+        The metadata names its data class: TensorBoard's fast loader (the Rust data server, the default
+        where it is installed) replaces a ``simple_value``'s metadata unless it does, and the
+        description would be lost there."""
+        if key in self.described:
+            return self.summary_type.Value(tag=key, simple_value=value)
+        from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR
+        from tensorboard.plugins.scalar.metadata import create_summary_metadata
+
+        self.described.add(key)
+        text = scalar_description(key, self.view.loss)
+        if not text:
+            return self.summary_type.Value(tag=key, simple_value=value)
+        metadata = create_summary_metadata(display_name="", description=text)  # empty: the tag is the name
+        metadata.data_class = DATA_CLASS_SCALAR
+        return self.summary_type.Value(tag=key, simple_value=value, metadata=metadata)
+
+    def _write_scalars(self, scalars: list, step: int | None) -> None:
+        if scalars:
+            self.writer.file_writer.add_summary(self.summary_type(value=scalars), step)
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         # All scalars of one call in one event: SummaryWriter.add_scalar builds an event per value
         # (~85 us each here, ~4x the cost of one shared event), which shows on small models.
         scalars = []
@@ -139,16 +300,16 @@ class RunTensorBoard(GeneralTracker):
             if isinstance(value, str):
                 self.writer.add_text(key, value, global_step=step)
             elif isinstance(value, torch.Tensor) and value.numel() == 1:
-                scalars.append(Summary.Value(tag=key, simple_value=value.item()))
+                scalars.append(self._scalar(key, value.item()))
             elif hasattr(value, "__float__"):  # int, float, bool, numpy scalars of any width
-                scalars.append(Summary.Value(tag=key, simple_value=float(value)))
-        if scalars:
-            self.writer.file_writer.add_summary(Summary(value=scalars), step)
+                scalars.append(self._scalar(key, float(value)))
+        self._write_scalars(scalars, step)
         self.writer.flush()
 
     @on_main_process
     def log_rich(self, values: dict[str, Any], step: int) -> None:
         """Histograms, markdown and plain numbers; other values (W&B tables) are not for TensorBoard."""
+        scalars = []
         for key, v in values.items():
             if isinstance(v, Histogram):
                 self.writer.add_histogram_raw(key, v.min, v.max, v.num, v.sum, v.sum_squares, v.edges[1:].tolist(),
@@ -158,7 +319,8 @@ class RunTensorBoard(GeneralTracker):
             elif isinstance(v, PngImage):
                 self.writer.add_image(key, v.array(), global_step=step, dataformats="HWC")
             elif isinstance(v, (int, float)):
-                self.writer.add_scalar(key, v, global_step=step)
+                scalars.append(self._scalar(key, float(v)))
+        self._write_scalars(scalars, step)
         self.writer.flush()
 
     @on_main_process
@@ -250,11 +412,13 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, flat_co
             print(f"  Run URL: {run.url}")
 
 
-def tracker_list(cfg: Config, run_dir: Path, purge_step: int | None = None) -> list:
-    """``log_with`` for the Accelerator, named explicitly (never ``"all"``)."""
+def tracker_list(cfg: Config, run_dir: Path, purge_step: int | None = None, mixed_precision: str | None = None) -> list:
+    """``log_with`` for the Accelerator, named explicitly (never ``"all"``). ``mixed_precision``: the
+    run's effective precision, for TensorBoard's HPARAMS when the config leaves it to the launcher."""
     trackers: list = []
     if cfg.logging.tensorboard:
-        trackers.append(RunTensorBoard(run_dir / "tensorboard", purge_step=purge_step))
+        view = BoardView.of(cfg, run_dir, mixed_precision)
+        trackers.append(RunTensorBoard(run_dir / "tensorboard", purge_step=purge_step, view=view))
     if cfg.logging.wandb.enabled and wandb_mode(cfg) != "disabled":
         trackers.append("wandb")
     if cfg.logging.jsonl:
@@ -378,7 +542,7 @@ class Tracking:
             cpu=self.rt.use_cpu,
             mixed_precision=self.rt.mixed_precision,
             gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-            log_with=tracker_list(cfg, plan.run_dir, purge_step=purge_step),
+            log_with=tracker_list(cfg, plan.run_dir, purge_step=purge_step, mixed_precision=self.rt.mixed_precision),
             project_config=ProjectConfiguration(project_dir=str(plan.run_dir), logging_dir=str(plan.run_dir)),
         )
         flat_config = redact({**flatten(cfg.model_dump(mode="json")), **flatten(run_info(), "meta.")})
