@@ -1,217 +1,97 @@
-"""Offline hyperparameter sweeps: the W&B sweep file, run without a W&B server.
+"""Offline hyperparameter sweeps with Optuna: the W&B sweep file, run without a W&B server.
 
-    python -m train.sweep configs/sweep.yml --max-runs 8
-    python -m train.sweep configs/sweep.yml --max-runs 8 --launch-args "--multi_gpu --num_processes 4"
-    python -m train.sweep configs/sweep.yml --max-runs 8 training.epochs=3   # fixed overrides for every trial
-    python -m train.sweep configs/sweep.yml --check                          # validate the file, run nothing
+    python -m train.sweep configs/sweep.yml --max-runs 12
+    python -m train.sweep configs/sweep.yml --max-runs 12 --workers 2          # 2 trials at once
+    python -m train.sweep configs/sweep.yml --max-runs 40 --storage postgresql://user@db/sweeps  # several machines
+    python -m train.sweep configs/sweep.yml --max-runs 12 training.epochs=3    # fixed overrides for every trial
+    python -m train.sweep configs/sweep.yml --check                            # validate the file, run nothing
 
-Reads the same ``configs/sweep.yml`` that ``wandb sweep`` reads (docs/SWEEPS.md). Trials come from the
-file's ``method``: ``grid`` (every combination, in file order) or ``random`` (trial i is drawn with a
-generator seeded by ``(--seed, i)``, so trial i is the same however often the sweep is continued);
-``bayes`` needs the W&B server and is sampled like ``random`` here. Each trial is its own
-``accelerate launch train/main.py --config <base> <overrides>`` subprocess, so a trial can use several
-processes or GPUs, and a trial that crashes cannot take the sweep down.
+Reads the same ``configs/sweep.yml`` that ``wandb sweep`` reads (docs/SWEEPS.md) and translates it to
+an Optuna study (``train.sweep_spec``): ``grid``, ``random`` or ``bayes`` (TPE) sampling, the metric
+as the objective, ``early_terminate: hyperband`` as Optuna's HyperbandPruner. Trials are asked and
+told (ask-and-tell): each is its own ``accelerate launch train/main.py --config <base> <overrides>``
+subprocess in its own process group, so a trial can use several processes or GPUs and a trial that
+crashes cannot take the sweep down. While a trial runs, its ``metrics.jsonl`` is read every second
+and each epoch's metric reported to the study; a trial the pruner stops gets SIGTERM, saves a full
+state (continue it by hand with ``--resume auto``) and is told PRUNED.
 
-Everything lives in the sweep directory ``<output_dir>/<sweep name>``:
+Everything of one sweep lives in ``<output_dir>/<sweep name>``: ``optuna.journal`` (the study, unless
+``--storage``), one ordinary run directory per trial, ``logs/<run>.log``, ``_incomplete/`` (run
+directories of interrupted attempts, moved aside, never deleted) and ``leaderboard.csv/.md``.
 
-    sweep_state.json        the trials (parameters, status, exit code): what makes continuation work
-    <sweep>-000/ ...        one ordinary run directory per trial (config.yaml, results.json,
-                            checkpoints/best.safetensors, tensorboard/, wandb/)
-    logs/<trial>.log        each trial's console output
-    _incomplete/            run directories of interrupted/crashed attempts, moved aside (never deleted)
-    leaderboard.csv/.md     trials sorted by the sweep's metric
-
-Run the same command again to continue: finished trials are kept, an interrupted trial is run again,
-failed trials are skipped unless ``--retry-failed``. Exit code: 0 when every trial finished, 1 when
-some failed, 2 for a bad sweep file, 130 when interrupted.
+Run the same command again to continue. Exit code: 0 every trial of this process finished or was
+pruned, 1 some failed, 2 bad input (nothing started), 130/143 interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import itertools
+import fcntl
 import json
 import math
 import os
-import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pydantic import BaseModel  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
-from train.config import Config, load_config, read_yaml_file  # noqa: E402
-from train.errors import ConfigError, UserError, run_cli  # noqa: E402
-from train.fsutil import atomic_file, atomic_write_text  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.errors import CleanExit, UserError, run_cli  # noqa: E402
+from train.records import read_metrics  # noqa: E402
+from train.sweep_spec import (ROOT, SearchSpace, agent_text, base_config_path, describe, make_pruner,  # noqa: E402
+                              make_sampler, read_sweep, translate)
+from train.sweep_study import (HEARTBEAT_S, ask_next, definition, enqueue_retry, open_storage,  # noqa: E402
+                               open_study, recover_left_behind, write_leaderboard)
 
-ROOT = Path(__file__).resolve().parent.parent
-# Keys the sweep itself sets for every trial; a sweep parameter must not fight over them.
-MANAGED_KEYS = ("experiment.name", "experiment.output_dir", "logging.wandb.group")
-METHODS = ("grid", "random", "bayes")
-DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "log_uniform_values", "q_uniform",
-                 "q_log_uniform_values")
-
-
-# --------------------------------------------------------------------------------------------------
-# The sweep file
-# --------------------------------------------------------------------------------------------------
+POLL_S = 1.0  # how often a running trial's metrics.jsonl is read
+GRACE_S = 60.0  # how long a stopped trial may take to save its state before SIGKILL
 
 
-def config_keys(cls: type[BaseModel] = Config, prefix: str = "") -> set[str]:
-    """Every dotted leaf key of the config schema, e.g. ``training.optimizer.lr``."""
-    keys: set[str] = set()
-    for name, field in cls.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys |= config_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.add(prefix + name)
-    return keys
+@dataclass
+class Slot:
+    """What one worker gives its trials: GPUs (environment), CPU threads (overrides), launch flags."""
+
+    env: dict[str, str]
+    overrides: list[str]
+    launch_args: list[str]
 
 
-def agent_text(value: Any) -> str:
-    """A value as W&B's agent writes it on the command line (``str()`` of the JSON value:
-    ``1e-05``, ``None``, ``True``, ``[16, 32]``); the trainer's overrides must read it back typed."""
-    return str(value)
+@dataclass
+class Sweep:
+    """Everything the workers of this process share."""
 
-
-def base_config_path(spec: dict) -> str:
-    """The ``--config`` file named in the sweep's ``command`` (default: configs/model_config.yml)."""
-    command = [str(c) for c in spec.get("command") or []]
-    if "--config" in command and command.index("--config") + 1 < len(command):
-        return command[command.index("--config") + 1]
-    return "configs/model_config.yml"
-
-
-def candidate_values(spec: dict) -> list[Any]:
-    """Values of one parameter spec that must each validate (all of a list, the ends of a range)."""
-    if "value" in spec:
-        return [spec["value"]]
-    if "values" in spec:
-        return list(spec["values"])
-    return [spec[k] for k in ("min", "max") if k in spec]
-
-
-def check_sweep(spec: Any, fixed: list[str] = (), root: Path = ROOT) -> list[str]:
-    """Every problem of a parsed sweep file (empty list: valid).
-
-    Checks the W&B format (method, metric, program, command) and that each parameter is a real
-    dotted config key whose values the schema accepts when passed as agent text, on top of the base
-    config and the ``fixed`` overrides.
-    """
-    if not isinstance(spec, dict):
-        return ["the sweep file must be a mapping (method, metric, parameters, program, command)"]
-    problems = []
-    if spec.get("method") not in METHODS:
-        problems.append(f"method must be one of {', '.join(METHODS)} (got {spec.get('method')!r})")
-    metric = spec.get("metric") or {}
-    if not isinstance(metric, dict) or not metric.get("name"):
-        problems.append("metric must be a mapping with a name (e.g. val/rmse) and a goal (minimize | maximize)")
-    elif metric.get("goal", "minimize") not in ("minimize", "maximize"):
-        problems.append(f"metric.goal must be minimize or maximize (got {metric.get('goal')!r})")
-    if spec.get("program") != "train/main.py":
-        problems.append(f"program must be train/main.py (got {spec.get('program')!r})")
-    command = [str(c) for c in spec.get("command") or []]
-    if "${args_no_hyphens}" not in command:
-        problems.append("command must pass ${args_no_hyphens} (the trainer reads key=value overrides, not --key=value)")
-    if "${program}" not in command:
-        problems.append("command must contain ${program}")
-    config_path = root / base_config_path(spec)
-    params = spec.get("parameters")
-    if not isinstance(params, dict) or not params:
-        return problems + ["parameters must be a non-empty mapping of dotted config keys to value specs"]
-    # The base config with the fixed overrides alone first: if it is wrong, every swept value would
-    # repeat the same problem, so it is told once and the values are not tried.
-    try:
-        load_config(config_path, list(fixed))
-        base_ok = True
-    except ConfigError as e:
-        problems += [f"base config {base_config_path(spec)} with the fixed overrides: {line}" for line in e.lines]
-        base_ok = False
-    keys = config_keys()
-    for key, p in params.items():
-        if key not in keys:
-            problems.append(f"parameter '{key}' is not a config key (see docs/CONFIG.md for the dotted names)")
-            continue
-        if key in MANAGED_KEYS:
-            problems.append(f"parameter '{key}' is set by the sweep for every trial and cannot be swept")
-            continue
-        if not isinstance(p, dict) or not ({"value", "values", "min", "max"} & set(p)):
-            problems.append(f"parameter '{key}': needs value, values or min/max "
-                            "(W&B sweep format; nested 'parameters' are not used here)")
-            continue
-        dist = p.get("distribution")
-        if dist is not None and dist not in DISTRIBUTIONS:
-            problems.append(f"parameter '{key}': distribution {dist!r} is not supported offline "
-                            f"(use one of {', '.join(DISTRIBUTIONS)})")
-        if spec.get("method") == "grid" and not ({"value", "values"} & set(p)):
-            problems.append(f"parameter '{key}': a grid needs value or values, not a range")
-        for v in candidate_values(p) if base_ok else ():
-            try:
-                load_config(config_path, [*fixed, f"{key}={agent_text(v)}"])
-            except ConfigError as e:
-                problems += [f"parameter '{key}' value {v!r}: {line}" for line in e.lines]
-    return problems
-
-
-def read_sweep(path: str | Path, fixed: list[str] = ()) -> dict:
-    """Read and check a sweep file; raise ``ConfigError`` listing every problem."""
-    spec = read_yaml_file(path)
-    problems = check_sweep(spec, fixed)
-    if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
-    return spec
+    spec: dict
+    space: SearchSpace
+    study: optuna.Study
+    fixed: list[str]
+    sweep_dir: Path
+    group: str  # the sweep name: W&B group of every trial
+    max_runs: int
+    epochs: int | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    force: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the study's pruner and sampler are shared
+    outcomes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    signal_name: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
-# Trials
+# One trial's process
 # --------------------------------------------------------------------------------------------------
-
-
-def _sample(p: dict, rng: random.Random) -> Any:
-    if "value" in p:
-        return p["value"]
-    if "values" in p:
-        values, probs = list(p["values"]), p.get("probabilities")
-        return rng.choices(values, weights=probs)[0] if probs else rng.choice(values)
-    lo, hi = p["min"], p["max"]
-    dist = p.get("distribution") or ("int_uniform" if isinstance(lo, int) and isinstance(hi, int) else "uniform")
-    if dist == "int_uniform":
-        return rng.randint(lo, hi)
-    if dist in ("log_uniform_values", "q_log_uniform_values"):
-        v = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    else:
-        v = rng.uniform(lo, hi)
-    if dist.startswith("q_"):
-        q = p.get("q", 1)
-        v = round(v / q) * q
-    return v
-
-
-def make_trials(spec: dict, max_runs: int | None, seed: int) -> list[dict[str, Any]]:
-    """Parameter sets, in order: the grid in file order, or random draws (trial i from seed (seed, i)).
-
-    A random sweep needs ``max_runs``; a grid is cut to ``max_runs`` when given.
-    """
-    params: dict = spec["parameters"]
-    if spec["method"] == "grid":
-        keys = list(params)
-        grids = [candidate_values(params[k]) for k in keys]
-        combos = [dict(zip(keys, combo)) for combo in itertools.product(*grids)]
-        return combos[:max_runs] if max_runs else combos
-    if not max_runs:
-        raise UserError(f"method {spec['method']} samples without end: pass --max-runs N")
-    # A string seed is hashed deterministically (not by PYTHONHASHSEED): trial i never changes.
-    return [{k: _sample(p, random.Random(f"{seed}:{i}:{k}")) for k, p in params.items()} for i in range(max_runs)]
 
 
 def trial_command(spec: dict, params: dict, fixed: list[str], sweep_dir: Path, sweep_name: str, trial: str,
@@ -239,119 +119,46 @@ def trial_command(spec: dict, params: dict, fixed: list[str], sweep_dir: Path, s
     return cmd
 
 
-# --------------------------------------------------------------------------------------------------
-# State, leaderboard
-# --------------------------------------------------------------------------------------------------
-
-
-def write_sweep_state(sweep_dir: Path, state: dict) -> None:
-    atomic_write_text(sweep_dir / "sweep_state.json", json.dumps(state, indent=2) + "\n")
-
-
-TRIAL_STATUSES = ("pending", "running", "done", "failed", "interrupted")
-
-
-def sweep_state_problem(state: Any) -> str | None:
-    """Why a parsed ``sweep_state.json`` is not one this module wrote (None: it has the right shape).
-    Checked before anything reads it, so an edited file cannot crash the sweep halfway or start a trial."""
-    if not isinstance(state, dict):
-        return f"a JSON object was expected, got {type(state).__name__}"
-    for key, kind in (("name", str), ("fingerprint", str), ("metric", str), ("goal", str), ("parameters", list),
-                      ("trials", list)):
-        if not isinstance(state.get(key), kind):
-            return f"'{key}' is missing or not a {kind.__name__}: not a sweep state"
-    for i, t in enumerate(state["trials"]):
-        if not isinstance(t, dict):
-            return f"trials[{i}] is not an object"
-        name, params = t.get("name"), t.get("params")
-        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-            return f"trials[{i}].name is not a trial directory name (got {name!r})"
-        if not isinstance(params, dict) or any(k not in params for k in state["parameters"]):
-            return f"trials[{i}] ({name}): params is not a mapping of every sweep parameter"
-        if t.get("status") not in TRIAL_STATUSES:
-            return f"trials[{i}] ({name}): status {t.get('status')!r} is not one of {', '.join(TRIAL_STATUSES)}"
-        if type(t.get("attempts")) is not int:
-            return f"trials[{i}] ({name}): attempts {t.get('attempts')!r} is not an integer"
-    return None
-
-
-def read_sweep_state(state_file: Path) -> dict:
-    """The sweep's own record of its trials; a truncated or edited file is one line saying what to do."""
+def signal_group(pgid: int, sig: int) -> None:
     try:
-        state = json.loads(state_file.read_text())
-        problem = sweep_state_problem(state)
-        if problem:
-            raise ValueError(problem)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{state_file} is unreadable ({e}); the trials' run directories next to it are intact. "
-                        "Move the file aside and run the same command to start the sweep's record anew (finished "
-                        "trials are found again by their results.json), or pass --name for a new sweep") from None
-    return state
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
-def metric_value(results: dict, metric: str) -> float | None:
-    """The trial's value of the sweep metric: for ``val/X`` the best epoch's value (``best/X``, the
-    value behind best.safetensors, present when the run monitored val/X), else the key itself."""
-    section, _, name = metric.partition("/")
-    for key in ((f"best/{name}",) if section == "val" else ()) + (metric,):
-        if isinstance(results.get(key), (int, float)):
-            return float(results[key])
-    return None
+def trainer_gone(run_dir: Path) -> bool:
+    """No trainer holds the run directory's lock (the kernel drops it when the trainer exits, even
+    one whose launcher died first)."""
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDWR)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
-def write_leaderboard(sweep_dir: Path, state: dict) -> list[dict]:
-    """Rewrite ``leaderboard.csv`` and ``leaderboard.md``: finished trials sorted by the metric
-    (best first), then the others; each row has the trial's run dir and best checkpoint."""
-    metric, goal = state["metric"], state["goal"]
-    keys = list(state["parameters"])
-    rows = []
-    for t in state["trials"]:
-        run_dir = sweep_dir / t["name"]
-        results_file = run_dir / "results.json"
-        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-        best = run_dir / "checkpoints" / "best.safetensors"
-        rows.append({
-            "trial": t["name"], "status": t["status"], metric: metric_value(results, metric),
-            "test/rmse": results.get("test/rmse"), "best_epoch": results.get("best_epoch"),
-            **{k: agent_text(t["params"][k]) for k in keys},
-            "run_dir": str(run_dir) if run_dir.is_dir() else "", "best_checkpoint": str(best) if best.is_file() else "",
-        })
-    sign = 1.0 if goal == "minimize" else -1.0
-    rows.sort(key=lambda r: (r[metric] is None, sign * r[metric] if r[metric] is not None else 0.0))
-    for rank, r in enumerate(rows, 1):
-        r["rank"] = rank if r[metric] is not None else ""
-    columns = ["rank", "trial", "status", metric, "test/rmse", "best_epoch", *keys, "run_dir", "best_checkpoint"]
-    with atomic_file(sweep_dir / "leaderboard.csv") as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows({c: ("" if r[c] is None else r[c]) for c in columns} for r in rows)
-
-    def cell(v):
-        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
-
-    md = [f"# Sweep {state['name']}: {metric} ({goal})", "", "| " + " | ".join(columns) + " |",
-          "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    atomic_write_text(sweep_dir / "leaderboard.md", "\n".join(md) + "\n")
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# Running
-# --------------------------------------------------------------------------------------------------
-
-
-class _Interrupted(Exception):
-    pass
-
-
-def _raise_interrupted(signum, frame):
-    raise _Interrupted(signal.Signals(signum).name)
+def end_process(sw: Sweep, pgid: int, proc: subprocess.Popen | None, run_dir: Path, stop: bool) -> int | None:
+    """Wait for a trial's launcher and trainer to end; ``stop``: SIGTERM the process group first (the
+    trainer saves a full state). SIGKILL after ``GRACE_S`` or a second Ctrl-C."""
+    if stop:
+        signal_group(pgid, signal.SIGTERM)
+    deadline = time.time() + GRACE_S
+    while not ((proc is None or proc.poll() is not None) and trainer_gone(run_dir)):
+        if time.time() > deadline or sw.force.is_set():
+            signal_group(pgid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    return proc.wait() if proc is not None else None
 
 
 def move_aside(sweep_dir: Path, run_dir: Path) -> Path:
-    """Move an incomplete run directory to ``_incomplete/<name>-<k>``: the trial can run again under
-    its own name and nothing a crashed attempt wrote is lost."""
+    """Move a run directory to ``_incomplete/<name>-<k>``: the trial can run under its own name and
+    nothing an earlier attempt wrote is lost."""
     target_parent = sweep_dir / "_incomplete"
     target_parent.mkdir(exist_ok=True)
     k = 1
@@ -362,163 +169,382 @@ def move_aside(sweep_dir: Path, run_dir: Path) -> Path:
     return target
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the trial's whole process group (a one-process `accelerate launch` does not forward
-    signals to the trainer), then SIGKILL what is still alive after ``grace_s``."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+def prepare_run_dir(sw: Sweep, trial: optuna.Trial, run: str) -> Path:
+    """The trial's run directory, free: an earlier attempt's directory is moved aside, after
+    stopping a trainer of it that outlived its sweep (same machine)."""
+    run_dir = sw.sweep_dir / run
+    if run_dir.exists():
+        if not trainer_gone(run_dir):
+            earlier = [t for t in sw.study.get_trials(deepcopy=False) if t.number == trial.user_attrs.get("retry_of")]
+            pgid = earlier[0].user_attrs.get("pgid") if earlier else None
+            print(f"[{run}] a trainer of the earlier attempt still runs in {run_dir}: stopping it", flush=True)
+            if pgid:
+                end_process(sw, int(pgid), None, run_dir, stop=True)
+        moved = move_aside(sw.sweep_dir, run_dir)
+        trial.set_user_attr("previous_run_dir", str(moved))
+        print(f"[{run}] moved the earlier run directory to {moved}", flush=True)
+    trial.set_user_attr("run", run)
+    trial.set_user_attr("run_dir", str(run_dir))
+    return run_dir
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def report_epochs(sw: Sweep, trial: optuna.Trial, run_dir: Path, reported: dict[int, float]) -> bool:
+    """Report each new epoch's metric of ``metrics.jsonl`` to the study; True when there was one."""
+    new = False
+    for rec in read_metrics(run_dir / "metrics.jsonl"):
+        epoch, value = rec.get("epoch"), rec.get(sw.space.metric)
+        if not (_number(epoch) and _number(value)) or int(epoch) in reported:
             continue
+        with sw.lock:
+            trial.report(float(value), int(epoch))
+        reported[int(epoch)] = float(value)
+        new = True
+    return new
 
 
-def open_sweep(spec: dict, sweep_file: str, sweep_dir: Path, sweep_name: str, trials: list[dict], seed: int,
-               fixed: list[str]) -> dict:
-    """The sweep's state: read back when continuing (refused if it describes another sweep), else new;
-    every trial of this invocation is in it, pending unless already known. Written before returning."""
-    # What defines the trials: continuing with a different file, seed or fixed overrides would mix
-    # two different sweeps in one leaderboard.
-    defining = {"method": spec["method"], "parameters": spec["parameters"], "command": spec["command"],
-                "seed": seed, "fixed": fixed}
-    fingerprint = hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    state_file = sweep_dir / "sweep_state.json"
-    if state_file.is_file():
-        state = read_sweep_state(state_file)
-        if state["fingerprint"] != fingerprint:
-            raise UserError(f"{sweep_dir} holds a different sweep (other parameters, seed or fixed overrides); "
-                            "continue it with the same command, or pass --name to start a new sweep")
-        done = sum(t["status"] == "done" for t in state["trials"])
-        print(f"Continuing sweep {sweep_name}: {done} of {len(state['trials'])} trials done")
-    else:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        state = {"name": sweep_name, "sweep_file": str(sweep_file), "fingerprint": fingerprint, "seed": seed,
-                 "method": spec["method"], "metric": spec["metric"]["name"],
-                 "goal": spec["metric"].get("goal", "minimize"), "parameters": list(spec["parameters"]),
-                 "base_config": base_config_path(spec), "fixed": fixed, "trials": []}
-    known = {t["name"] for t in state["trials"]}
-    for i, params in enumerate(trials):
-        trial = f"{sweep_name}-{i:03d}"
-        if trial not in known:
-            state["trials"].append({"name": trial, "params": params, "status": "pending", "returncode": None,
-                                    "attempts": 0})
-    write_sweep_state(sweep_dir, state)
-    (sweep_dir / "logs").mkdir(exist_ok=True)
-    return state
-
-
-def run_trial(t: dict, cmd: list[str], state: dict, sweep_dir: Path) -> None:
-    """Run one trial to its end and record it; an interruption stops its process group and re-raises."""
-    t.update(status="running", attempts=t["attempts"] + 1, command=shlex.join(cmd), started=time.time())
-    write_sweep_state(sweep_dir, state)
-    print(f"[{t['name']}] " + " ".join(f"{k}={agent_text(v)}" for k, v in t["params"].items()), flush=True)
-    log = sweep_dir / "logs" / f"{t['name']}.log"
-    with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+def watch(sw: Sweep, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path, reported: dict[int, float]) -> str:
+    """Follow a running trial to its end: ``done``, ``pruned`` (the pruner says so; not after the last
+    epoch, which is about to end anyway) or ``interrupted`` (the sweep is stopping)."""
+    beat = time.time()
+    while True:
         try:
-            rc = proc.wait()
-        except BaseException:
-            stop_process_group(proc)
-            t.update(status="interrupted", returncode=proc.returncode)
-            raise
-    ok = rc == 0 and (sweep_dir / t["name"] / "results.json").is_file()
-    t.update(status="done" if ok else "failed", returncode=rc, finished=time.time())
-    write_sweep_state(sweep_dir, state)
-    rows = write_leaderboard(sweep_dir, state)
-    if ok:
-        value = next(r[state["metric"]] for r in rows if r["trial"] == t["name"])
-        print(f"[{t['name']}] done: {state['metric']} = {value}")
-        return
-    lines = log.read_text().strip().splitlines()
-    # The trainer's own "error:" lines say what to fix; the launcher's traceback does not.
-    tail = [line for line in lines if line.startswith("error:")] or lines[-5:]
-    print(f"[{t['name']}] FAILED (exit {rc}); the sweep goes on. Log: {log}\n  " + "\n  ".join(tail))
+            proc.wait(timeout=POLL_S)
+            exited = True
+        except subprocess.TimeoutExpired:
+            exited = False
+        new = report_epochs(sw, trial, run_dir, reported)
+        if exited:
+            return "done"
+        if sw.stop.is_set():
+            return "interrupted"
+        if new and (sw.epochs is None or max(reported) < sw.epochs):
+            with sw.lock:
+                prune = trial.should_prune()
+            if prune:
+                return "pruned"
+        if time.time() - beat > HEARTBEAT_S:
+            beat = time.time()
+            with sw.lock:
+                trial.set_user_attr("heartbeat", beat)
 
 
-def run_sweep(sweep_file: str, max_runs: int | None, seed: int, name: str | None, output_dir: str | None,
-              fixed: list[str], launch_args: list[str], retry_failed: bool) -> int:
-    """Run (or continue) the offline sweep; return the exit code (see the module docstring)."""
-    spec = read_sweep(sweep_file, fixed)
-    base = load_config(ROOT / base_config_path(spec), fixed)
-    sweep_name = name or spec.get("name") or Path(sweep_file).stem
-    sweep_dir = Path(output_dir or base.experiment.output_dir) / sweep_name
-    trials = make_trials(spec, max_runs, seed)
-    state = open_sweep(spec, sweep_file, sweep_dir, sweep_name, trials, seed, fixed)
-    if spec["method"] == "bayes":
-        print("note: method bayes needs the W&B sweep server; offline, its parameters are sampled at random")
+def metric_value(results: dict, metric: str) -> float | None:
+    """The trial's value of the sweep metric: for ``val/X`` the best epoch's value (``best/X``, the
+    value behind best.safetensors, present when the run monitored val/X), else the key itself."""
+    section, _, name = metric.partition("/")
+    for key in ((f"best/{name}",) if section == "val" else ()) + (metric,):
+        if _number(results.get(key)):
+            return float(results[key])
+    return None
+
+
+def _read_results(run_dir: Path) -> dict:
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        return results if isinstance(results, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _error_tail(log: Path, offset: int) -> str:
+    """The trainer's own ``error:`` lines of this attempt (they say what to fix), else its last lines."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n  ".join([line for line in lines if line.startswith("error:")] or lines[-5:])
+
+
+def tell(sw: Sweep, trial: optuna.Trial, outcome: str, rc: int | None, run_dir: Path,
+         reported: dict[int, float]) -> str:
+    """Tell the study how the trial ended; returns the line to print."""
+    results = _read_results(run_dir)
+    value = metric_value(results, sw.space.metric) if rc == 0 else None
+    with sw.lock:
+        trial.set_user_attr("exit_code", rc)
+        if outcome == "pruned":
+            trial.set_user_attr("epochs", max(reported))
+            trial.set_user_attr("note", f"pruned after epoch {max(reported)}; state saved (--resume auto)")
+            sw.study.tell(trial, state=TrialState.PRUNED)
+            return (f"pruned after epoch {max(reported)} ({sw.space.metric} {reported[max(reported)]:.6g}); "
+                    f"continue it with: python train/main.py --config {run_dir / 'config.yaml'} --resume auto")
+        if outcome == "interrupted":
+            trial.set_user_attr("note", f"interrupted ({sw.signal_name} to the sweep); state saved")
+            enqueue_retry(sw.study, trial, trial.number)  # first: a kill right after the tell loses no retry
+            sw.study.tell(trial, state=TrialState.FAIL)
+            return "interrupted: queued again (the next sweep on this study runs it from scratch)"
+        if value is not None:
+            for key in ("best_epoch", "test/rmse"):
+                trial.set_user_attr(key, results.get(key))
+            trial.set_user_attr("epochs", results.get("epochs_run", max(reported, default=None)))
+            sw.study.tell(trial, value)
+            return f"done: {sw.space.metric} = {value:.6g}"
+        note = f"exit {rc}" if rc != 0 else f"no {sw.space.metric} in results.json"
+        trial.set_user_attr("note", note)
+        sw.study.tell(trial, state=TrialState.FAIL)
+        return f"FAILED ({note}); the sweep goes on"
+
+
+def _with_port(launch_args: list[str], workers: int) -> list[str]:
+    """Several processes per trial and several workers: each trial its own rendezvous port."""
+    multi = "--num_processes" in launch_args or "--multi_gpu" in launch_args
+    if not multi or workers == 1 or any(a.startswith("--main_process_port") for a in launch_args):
+        return launch_args
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return [*launch_args, "--main_process_port", str(s.getsockname()[1])]
+
+
+def run_trial(sw: Sweep, trial: optuna.Trial, slot: Slot, workers: int) -> None:
+    """Run one trial as its own process group, report its epochs, tell the study how it ended."""
+    run = trial.user_attrs.get("run") or f"{sw.study.study_name}-{trial.number:03d}"
+    with sw.lock:
+        run_dir = prepare_run_dir(sw, trial, run)
+    params = {**sw.space.fixed_params, **trial.params}
+    cmd = trial_command(sw.spec, params, [*sw.fixed, *slot.overrides], sw.sweep_dir, sw.group, run,
+                        _with_port(slot.launch_args, workers))
+    retry = f" (retry of trial {trial.user_attrs['retry_of']})" if "retry_of" in trial.user_attrs else ""
+    print(f"[{run}] trial {trial.number}{retry}: " + " ".join(f"{k}={agent_text(v)}" for k, v in trial.params.items()),
+          flush=True)
+    log = sw.sweep_dir / "logs" / f"{run}.log"
+    with open(log, "a") as f:
+        offset = f.tell()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **slot.env})
+    reported: dict[int, float] = {}
+    try:
+        with sw.lock:
+            trial.set_user_attr("pgid", proc.pid)
+        outcome = watch(sw, trial, proc, run_dir, reported)
+    except BaseException:
+        end_process(sw, proc.pid, proc, run_dir, stop=True)
+        raise
+    rc = end_process(sw, proc.pid, proc, run_dir, stop=outcome != "done")
+    line = tell(sw, trial, outcome, rc, run_dir, reported)
+    failed = line.startswith("FAILED")
+    sw.outcomes.append("failed" if failed else outcome)
+    print(f"[{run}] {line}" + (f". Log: {log}\n  {_error_tail(log, offset)}" if failed else ""), flush=True)
+    with sw.lock:
+        write_leaderboard(sw.sweep_dir, sw.study, sw.space)
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------------
+
+
+def worker(sw: Sweep, slot: Slot, workers: int) -> None:
+    """Ask, run, tell, until the study has its trials or the sweep stops."""
+    try:
+        while not sw.stop.is_set():
+            with sw.lock:
+                trial = ask_next(sw.study, sw.space.distributions, sw.max_runs, sw.sweep_dir / ".sweep.lock")
+            if trial is None:
+                return
+            run_trial(sw, trial, slot, workers)
+    except Exception as e:  # the sweep's own failure (e.g. the database went away): stop the others cleanly
+        sw.errors.append(f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        sw.stop.set()
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids trials may use (CUDA_VISIBLE_DEVICES' entries, else 0..n-1)."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:
+        n = 0
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g.strip() for g in listed.split(",") if g.strip()] if listed is not None else [str(i) for i in range(n)]
+    return ids[:n]
+
+
+def worker_slots(workers: int, gpus_per_trial: int | None, fixed: list[str], space: SearchSpace,
+                 launch_args: list[str]) -> list[Slot]:
+    """One slot per worker: its own GPUs on a GPU machine, ``cores / workers`` threads per trial on CPU."""
+    gpus = visible_gpus()
+    g = (1 if gpus else 0) if gpus_per_trial is None else gpus_per_trial
+    if g > 0:
+        if workers * g > len(gpus):
+            raise UserError(f"--workers {workers} x --gpus-per-trial {g} needs {workers * g} GPUs; {len(gpus)} "
+                            f"visible ({', '.join(gpus) or 'none'}). Pass fewer workers, or --gpus-per-trial 0 for "
+                            "CPU trials")
+        extra = ["--multi_gpu", "--num_processes", str(g)] if g > 1 and "--num_processes" not in launch_args else []
+        return [Slot({"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * g:(i + 1) * g])}, [], [*launch_args, *extra])
+                for i in range(workers)]
+    procs = int(launch_args[launch_args.index("--num_processes") + 1]) if "--num_processes" in launch_args[:-1] else 1
+    keyed = {o.split("=", 1)[0] for o in fixed} | set(space.distributions) | set(space.fixed_params)
+    threads = [] if workers == 1 or "training.num_threads" in keyed else [
+        f"training.num_threads={max(1, len(os.sched_getaffinity(0)) // (workers * procs))}"]
+    return [Slot({}, threads, list(launch_args)) for _ in range(workers)]
+
+
+def _install_signals(sw: Sweep) -> dict:
     # SIGINT explicitly too: a process started in the background by a non-interactive shell inherits
     # SIGINT as ignored, and Python then never raises KeyboardInterrupt (Ctrl-C/kill -INT did nothing).
-    old_handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def handle(signum, frame):
+        if sw.stop.is_set():
+            sw.force.set()  # a second signal: SIGKILL the trials now
+            return
+        sw.signal_name = signal.Signals(signum).name
+        print(f"\n{sw.signal_name}: stopping the running trials (each saves a full state; again to kill them)",
+              file=sys.stderr, flush=True)
+        sw.stop.set()
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def run_workers(sw: Sweep, slots: list[Slot]) -> None:
+    old = _install_signals(sw)
     try:
-        for t in state["trials"][: len(trials)]:
-            run_dir = sweep_dir / t["name"]
-            if (run_dir / "results.json").is_file():
-                t["status"] = "done"
-                continue
-            if t["status"] == "failed" and not retry_failed:
-                continue
-            if run_dir.exists():
-                print(f"{t['name']}: moved the incomplete run directory to {move_aside(sweep_dir, run_dir)}")
-            run_trial(t, trial_command(spec, t["params"], fixed, sweep_dir, sweep_name, t["name"], launch_args),
-                      state, sweep_dir)
-    except (KeyboardInterrupt, _Interrupted):
-        write_sweep_state(sweep_dir, state)
-        write_leaderboard(sweep_dir, state)
-        print(f"\nInterrupted. Continue with the same command; state in {sweep_dir / 'sweep_state.json'}",
-              file=sys.stderr)
-        return 130
+        threads = [threading.Thread(target=worker, args=(sw, slot, len(slots)), name=f"worker-{i}", daemon=True)
+                   for i, slot in enumerate(slots)]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)  # staggered: the first asks of TPE see each other as running (constant liar)
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.5)  # short joins: the signal handler runs in this thread
     finally:
-        for sig, handler in old_handlers.items():
+        for sig, handler in old.items():
             signal.signal(sig, handler)
-    write_sweep_state(sweep_dir, state)
-    write_leaderboard(sweep_dir, state)
-    done = [t for t in state["trials"][: len(trials)] if t["status"] == "done"]
-    print(f"\nSweep {sweep_name}: {len(done)} of {len(trials)} trials finished. "
-          f"Leaderboard: {sweep_dir / 'leaderboard.md'}")
-    print((sweep_dir / "leaderboard.md").read_text())
-    print(f"Compare the trials: tensorboard --logdir {sweep_dir}")
-    return 0 if len(done) == len(trials) else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def _max_runs(args: argparse.Namespace, space: SearchSpace) -> int:
+    if space.grid_size is not None:
+        if args.max_runs and args.max_runs > space.grid_size:
+            print(f"note: the grid has {space.grid_size} combinations; running {space.grid_size}, not {args.max_runs}")
+        return min(args.max_runs or space.run_cap or space.grid_size, space.grid_size)
+    if not (args.max_runs or space.run_cap):
+        raise UserError(f"method {space.method} samples without end: pass --max-runs N (or run_cap: N in the file)")
+    return args.max_runs or space.run_cap
+
+
+def _epochs(space: SearchSpace, base) -> int | None:
+    """The trials' training.epochs (Hyperband's maximum resource); None when it is swept."""
+    if "training.epochs" in space.distributions:
+        return None
+    return int(space.fixed_params.get("training.epochs", base.training.epochs))
+
+
+def _status(study: optuna.Study, max_runs: int, workers: int) -> str:
+    counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    head = "Continuing" if study.trials else "Starting"
+    return (f"{head} study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+            + ("; " if study.trials else "") + f"{max_runs} trials in all, {workers} at a time")
+
+
+def open_sweep(args: argparse.Namespace) -> tuple[Sweep, list[Slot], str]:
+    """Everything checked and opened, refusals first: the file, the slots, the storage, the study."""
+    fixed = list(args.overrides)
+    spec = read_sweep(args.sweep_file, fixed)
+    space = translate(spec)
+    base = load_config(ROOT / base_config_path(spec), fixed)
+    max_runs, epochs = _max_runs(args, space), _epochs(space, base)
+    slots = worker_slots(args.workers, args.gpus_per_trial, fixed, space, shlex.split(args.launch_args))
+    sweep_name = args.name or spec.get("name") or Path(args.sweep_file).stem
+    sweep_dir = Path(args.output_dir or base.experiment.output_dir) / sweep_name
+    storage, where = open_storage(args.storage, sweep_dir)
+    study = open_study(storage, where, args.study or sweep_name, definition(spec, fixed, args.seed), space,
+                       make_sampler(space, args.seed, max_runs), make_pruner(space, epochs))
+    (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    return Sweep(spec, space, study, fixed, sweep_dir, sweep_name, max_runs, epochs), slots, where
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Run (or continue) the sweep; return the exit code (see the module docstring)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
+    sw, slots, where = open_sweep(args)
+    for line in recover_left_behind(sw.study):
+        print(line)
+    print(_status(sw.study, sw.max_runs, len(slots)), flush=True)
+    run_workers(sw, slots)
+    rows = write_leaderboard(sw.sweep_dir, sw.study, sw.space)
+    print(f"\n{(sw.sweep_dir / 'leaderboard.md').read_text()}")
+    print(f"Study {sw.study.study_name} in {where}; browse it with: optuna-dashboard {where}")
+    print(f"Compare the trials: tensorboard --logdir {sw.sweep_dir}")
+    if sw.errors:
+        raise CleanExit(f"the sweep stopped on its own error ({sw.errors[0]}); the study is consistent: run the "
+                        "same command again to continue")
+    if sw.signal_name:
+        print(f"Interrupted. Continue with the same command ({sum(r['state'] == 'waiting' for r in rows)} trial(s) "
+              "queued to run again)", file=sys.stderr)
+        return 130 if sw.signal_name == "SIGINT" else 143
+    return 1 if "failed" in sw.outcomes else 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (got {value})")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.sweep",
-                                description="Run a W&B-format sweep file offline, one `accelerate launch` per trial.")
+                                description="Run a W&B-format sweep file offline with Optuna, one `accelerate "
+                                            "launch` per trial.")
     p.add_argument("sweep_file", help="sweep YAML in W&B's format, e.g. configs/sweep.yml")
-    p.add_argument("--max-runs", type=int, default=None,
-                   help="trials in the sweep (required for random/bayes; cuts a grid)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random trial draws (default: %(default)s)")
+    p.add_argument("--max-runs", type=_positive, default=None,
+                   help="trials in the study, over all workers and machines (required for random/bayes unless the "
+                        "file has run_cap; cuts a grid)")
+    p.add_argument("--workers", type=_positive, default=1, help="trials at once on this machine (default: 1)")
+    p.add_argument("--gpus-per-trial", type=_count, default=None,
+                   help="GPUs per trial, each worker its own (CUDA_VISIBLE_DEVICES); default: 1 on a GPU machine, "
+                        "0 without GPUs")
+    p.add_argument("--storage", default=None,
+                   help="the study's storage: a database URL Optuna accepts (postgresql://user@host/db) or a journal "
+                        "file path (default: <sweep dir>/optuna.journal)")
+    p.add_argument("--study", default=None, help="study name in the storage (default: the sweep name)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler, per trial number (default: %(default)s)")
     p.add_argument("--name", default=None,
                    help="sweep name = directory and W&B group (default: the file's name: key, else its stem)")
     p.add_argument("--output-dir", default=None,
                    help="parent of the sweep directory (default: the base config's experiment.output_dir)")
     p.add_argument("--launch-args", default="",
                    help='flags for accelerate launch, e.g. "--multi_gpu --num_processes 4"')
-    p.add_argument("--retry-failed", action="store_true", help="run failed trials again when continuing")
-    p.add_argument("--check", action="store_true", help="validate the sweep file and print the trials; run nothing")
+    p.add_argument("--check", action="store_true", help="validate the sweep file, show its Optuna translation; "
+                                                        "run nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="fixed overrides for every trial, e.g. training.epochs=3")
     return p.parse_intermixed_args(argv)
 
 
+def check(args: argparse.Namespace) -> int:
+    spec = read_sweep(args.sweep_file, args.overrides)
+    space = translate(spec)
+    base = load_config(ROOT / base_config_path(spec), list(args.overrides))
+    print(f"{args.sweep_file}: valid")
+    print("\n".join(describe(space, args.seed, args.max_runs or space.run_cap or space.grid_size,
+                             _epochs(space, base))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: _main(args))
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args.check:
-        spec = read_sweep(args.sweep_file, args.overrides)
-        print(f"{args.sweep_file}: valid")
-        if args.max_runs or spec["method"] == "grid":
-            for i, params in enumerate(make_trials(spec, args.max_runs, args.seed)):
-                print(i, " ".join(f"{k}={agent_text(v)}" for k, v in params.items()))
-        return 0
-    return run_sweep(args.sweep_file, args.max_runs, args.seed, args.name, args.output_dir,
-                     args.overrides, shlex.split(args.launch_args), args.retry_failed)
+    return run_cli(lambda: check(args) if args.check else run_sweep(args))
 
 
 if __name__ == "__main__":
