@@ -1,6 +1,6 @@
 """Bad input is one ``error:`` line naming the file or key and what to do, exit code 2, no traceback,
 nothing existing overwritten: damaged checkpoints, state manifests of the wrong shape, a CSV that is not
-UTF-8, a damaged sweep state; and secrets stay out of W&B names, and options mix with overrides.
+UTF-8, a damaged or foreign sweep study; and secrets stay out of W&B names, and options mix with overrides.
 
 One tiny run (2 epochs, 2 states kept, W&B offline with a secret in its name, tags and group) serves
 every test; each test copies what it changes.
@@ -190,57 +190,76 @@ def test_latin1_csv_is_one_line(run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The sweep's own state file truncated or edited
+# 4. The sweep's study: its journal file truncated, edited or someone else's; a storage URL that fails
 # --------------------------------------------------------------------------------------------------
 
-# Should a damaged state ever be taken for a valid one, the trial it starts is tiny.
+# Should a damaged study ever be taken for a valid one, the trial it starts is tiny.
 SWEEP_FIXED = ["training.epochs=1", "data.synthetic.num_train=64", "data.synthetic.num_val=32",
                "data.synthetic.num_test=32", "logging.progress_bar=false"]
+SWEEP_ARGS = ["configs/sweep.yml", "--max-runs", "1", "--name", "s", *SWEEP_FIXED]
 
 
-def _valid_sweep_state(tmp: Path) -> dict:
-    """What the sweep itself writes for ``--max-runs 1 --name s`` with SWEEP_FIXED (its fingerprint)."""
-    from train.sweep import make_trials, open_sweep, read_sweep
+def _sweep_journal(out: Path, fixed: list[str] = SWEEP_FIXED) -> bytes:
+    """The journal the sweep itself writes for SWEEP_ARGS before its first trial (the study, its definition)."""
+    from train.sweep import open_sweep, parse_args
 
-    spec = read_sweep(ROOT / "configs" / "sweep.yml", SWEEP_FIXED)
-    return open_sweep(spec, "configs/sweep.yml", tmp / "s", "s", make_trials(spec, 1, 0), 0, SWEEP_FIXED)
+    open_sweep(parse_args([*SWEEP_ARGS[:-len(SWEEP_FIXED)], "--output-dir", str(out), *fixed]))
+    return (out / "s" / "optuna.journal").read_bytes()
 
 
-SWEEP_CASES = {
-    "truncated": lambda good: '{"trials": [',
-    "a-list": lambda good: "[]",
-    "trial-not-an-object": lambda good: json.dumps({**good, "trials": [1]}),
-    "trial-without-status": lambda good: json.dumps(
-        {**good, "trials": [{k: v for k, v in good["trials"][0].items() if k != "status"}]}),
-    "trial-name-outside-the-sweep": lambda good: json.dumps(
-        {**good, "trials": [{**good["trials"][0], "name": "../elsewhere"}]}),
-    "metric-missing": lambda good: json.dumps({k: v for k, v in good.items() if k != "metric"}),
+def _foreign_journal(tmp: Path) -> bytes:
+    """A study named s made with Optuna directly (one trial), not by train.sweep."""
+    import optuna
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "foreign.journal"
+    study = optuna.create_study(study_name="s", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(path))))
+    study.tell(study.ask(), 1.0)
+    return path.read_bytes()
+
+
+JOURNAL_CASES = {
+    "torn-last-record": (lambda tmp: _sweep_journal(tmp)[:-20], "line 2 is not an Optuna journal record (no newline"),
+    "garbage": (lambda tmp: b"\x00\xff not a journal\n", "line 1 is not an Optuna journal record"),
+    "a-json-list": (lambda tmp: b"[]\n", "line 1 is not an Optuna journal record (no op_code)"),
+    "edited-first-line": (lambda tmp: _sweep_journal(tmp).replace(b'"op_code":0', b'"op_code":0,,', 1),
+                          "line 1 is not an Optuna journal record (not JSON"),
+    "another-sweep": (lambda tmp: _sweep_journal(tmp, [*SWEEP_FIXED, "training.epochs=2"]),
+                      "holds a different sweep"),
+    "not-made-by-train-sweep": (_foreign_journal, "was not created by train.sweep"),
 }
 
 
-@pytest.mark.parametrize("case", list(SWEEP_CASES))
-def test_damaged_sweep_state_is_one_line_and_left_as_it_was(tmp_path, case):
-    good = _valid_sweep_state(tmp_path / "ref")
+@pytest.mark.parametrize("case", list(JOURNAL_CASES))
+def test_a_damaged_or_foreign_study_journal_is_one_line_and_left_as_it_was(tmp_path, case):
+    make, message = JOURNAL_CASES[case]
+    payload = make(tmp_path / "ref")
     sweep_dir = tmp_path / "sweeps" / "s"
     sweep_dir.mkdir(parents=True)
-    text = SWEEP_CASES[case](good)
-    (sweep_dir / "sweep_state.json").write_text(text)
-    p = run_sweep_cli(["configs/sweep.yml", "--max-runs", "1", "--output-dir", str(tmp_path / "sweeps"),
-                       "--name", "s", *SWEEP_FIXED], timeout=120)
+    (sweep_dir / "optuna.journal").write_bytes(payload)
+    p = run_sweep_cli([*SWEEP_ARGS, "--output-dir", str(tmp_path / "sweeps")], timeout=120)
     assert p.returncode == 2, (p.stdout, p.stderr)
     line = _one_error_line(p.stderr)
-    assert str(sweep_dir / "sweep_state.json") in line and "Move the file aside" in line, line
-    assert (sweep_dir / "sweep_state.json").read_text() == text
-    assert [q.name for q in sweep_dir.iterdir()] == ["sweep_state.json"], "a trial started or a file was written"
-    assert not (tmp_path / "sweeps" / "elsewhere").exists()
+    assert message in line, line
+    assert (sweep_dir / "optuna.journal").read_bytes() == payload
+    assert [q.name for q in sweep_dir.iterdir()] == ["optuna.journal"], "a trial started or a file was written"
 
 
-def test_the_reference_sweep_state_is_accepted(tmp_path):
-    """The control for the cases above: the file as the sweep wrote it reads back."""
-    from train.sweep import read_sweep_state
+def test_the_reference_study_journal_is_accepted(tmp_path):
+    """The control for the cases above: the study as the sweep wrote it is opened again, unchanged."""
+    first = _sweep_journal(tmp_path)
+    assert _sweep_journal(tmp_path) == first
+    assert first.count(b"\n") == 2, "the study and its definition, nothing more"
 
-    _valid_sweep_state(tmp_path)
-    assert read_sweep_state(tmp_path / "s" / "sweep_state.json")["trials"][0]["name"] == "s-000"
+
+@pytest.mark.parametrize("url", ["postgresql://nobody@127.0.0.1:1/sweeps", "nosuchdb://x/y"])
+def test_a_storage_url_that_cannot_be_opened_is_one_line(tmp_path, url):
+    p = run_sweep_cli([*SWEEP_ARGS, "--output-dir", str(tmp_path), "--storage", url], timeout=120)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    line = _one_error_line(p.stderr)
+    assert line.startswith(f"error: --storage {url}: cannot open it"), line
+    assert list(tmp_path.iterdir()) == [], "nothing written"
 
 
 # --------------------------------------------------------------------------------------------------
