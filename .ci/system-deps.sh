@@ -4,11 +4,14 @@
 # does nothing. Run as root, or with sudo when it is there; otherwise it prints what to install and
 # exits 0 (the tests that need the command then fail with a message naming this script).
 #   chromium: tests/test_report.py renders report.html in a real headless browser.
+#   postgresql: tests/test_sweep.py starts a real PostgreSQL server (its initdb and pg_ctl, not on PATH
+#     on Debian) for an Optuna study shared by two sweeps; pg_ctlcluster comes with the server package.
 set -euo pipefail
 
 # "command package" pairs: add a line per system dependency.
 DEPS=(
     "chromium chromium"
+    "pg_ctlcluster postgresql"
 )
 
 missing=()
