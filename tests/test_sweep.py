@@ -224,6 +224,28 @@ def test_trial_k_is_the_same_trial_whichever_process_asks():
     assert {tuple(t.params.values()) for t in [first, *trials[1:]]} == combos
 
 
+def test_each_worker_gets_its_own_gpus_or_its_share_of_the_cores(monkeypatch):
+    import train.sweep as sweep
+
+    space = translate(read_yaml_file(SWEEP_FILE))
+    monkeypatch.setattr(sweep, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    one = sweep.worker_slots(2, None, [], space, [])
+    assert [s.env for s in one] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    two = sweep.worker_slots(2, 2, [], space, [])
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in two] == ["0,1", "2,3"]
+    assert two[0].launch_args == ["--multi_gpu", "--num_processes", "2"] and two[0].overrides == []
+    with pytest.raises(sweep.UserError, match="needs 6 GPUs; 4 visible"):
+        sweep.worker_slots(3, 2, [], space, [])
+    monkeypatch.setattr(sweep, "visible_gpus", lambda: [])
+    cores = len(os.sched_getaffinity(0))
+    cpu = sweep.worker_slots(2, None, [], space, [])
+    assert [s.env for s in cpu] == [{}, {}] and cpu[0].overrides == [f"training.num_threads={max(1, cores // 2)}"]
+    assert sweep.worker_slots(2, None, ["training.num_threads=1"], space, [])[0].overrides == [], "yours wins"
+    assert sweep.worker_slots(1, None, [], space, [])[0].overrides == [], "one worker: the trainer's default"
+    with pytest.raises(sweep.UserError, match="needs 1 GPUs; 0 visible"):
+        sweep.worker_slots(1, 1, [], space, [])
+
+
 def test_a_trial_left_running_by_a_killed_sweep_is_failed_and_queued_once(tmp_path):
     path = str(tmp_path / JOURNAL_NAME)
     study = optuna.create_study(study_name="s", storage=optuna.storages.JournalStorage(

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,7 +447,7 @@ def _status(study: optuna.Study, max_runs: int, workers: int) -> str:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     head = "Continuing" if study.trials else "Starting"
     return (f"{head} study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
-            + ("; " if study.trials else "") + f"{max_runs} trials in all, {workers} at a time")
+            + ("; " if study.trials else "") + f"{max_runs} trial(s) in all, {workers} at a time")
 
 
 def open_sweep(args: argparse.Namespace) -> tuple[Sweep, list[Slot], str]:
@@ -469,6 +470,7 @@ def open_sweep(args: argparse.Namespace) -> tuple[Sweep, list[Slot], str]:
 def run_sweep(args: argparse.Namespace) -> int:
     """Run (or continue) the sweep; return the exit code (see the module docstring)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # TPE's constant liar on Optuna 4
     sw, slots, where = open_sweep(args)
     for line in recover_left_behind(sw.study):
         print(line)

@@ -301,6 +301,7 @@ def _row(t: FrozenTrial, space: SearchSpace, retried_as: dict[int, FrozenTrial])
     value = t.value if t.state == TrialState.COMPLETE else (
         t.intermediate_values[t.last_step] if t.state == TrialState.PRUNED and t.last_step is not None else None)
     note = a.get("note") or ""
+    params = t.params or t.system_attrs.get("fixed_params") or {}  # a queued retry: the parameters it will use
     run_dir = a.get("run_dir") or ""
     if t.number in retried_as:  # the retry runs under the same name; this attempt's directory was moved
         note = f"{note}; retried as trial {retried_as[t.number].number}".lstrip("; ")
@@ -310,7 +311,7 @@ def _row(t: FrozenTrial, space: SearchSpace, retried_as: dict[int, FrozenTrial])
     best = Path(run_dir) / "checkpoints" / "best.safetensors" if run_dir else None
     return {"trial": t.number, "state": t.state.name.lower(), space.metric: value,
             "epochs": a.get("epochs", t.last_step), "test/rmse": a.get("test/rmse"), "best_epoch": a.get("best_epoch"),
-            **{k: agent_text(t.params[k]) if k in t.params else "" for k in space.distributions},
+            **{k: agent_text(params[k]) if k in params else "" for k in space.distributions},
             "run": a.get("run") or "", "host": (a.get("owner") or {}).get("host", ""), "run_dir": run_dir,
             "best_checkpoint": str(best) if best and best.is_file() else "", "note": note}
 
@@ -340,7 +341,7 @@ def write_leaderboard(sweep_dir: Path, study: optuna.Study, space: SearchSpace) 
     """Rewrite ``leaderboard.csv`` and ``leaderboard.md`` from the study (atomically: several sweep
     processes may write them; each writes the whole study)."""
     rows = leaderboard(study, space)
-    hosts = {r["host"] for r in rows}
+    hosts = {r["host"] for r in rows if r["host"]}
     columns = ["rank", "trial", "state", space.metric, "epochs", "test/rmse", "best_epoch", *space.distributions,
                "run", *(["host"] if len(hosts) > 1 else []), "run_dir", "best_checkpoint", "note"]
     with atomic_file(sweep_dir / "leaderboard.csv") as tmp, tmp.open("w", newline="") as f:
