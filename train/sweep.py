@@ -350,8 +350,10 @@ def worker(sw: Sweep, slot: Slot, workers: int) -> None:
                 return
             run_trial(sw, trial, slot, workers)
     except Exception as e:  # the sweep's own failure (e.g. the database went away): stop the others cleanly
-        sw.errors.append(f"{type(e).__name__}: {e}")
-        traceback.print_exc()
+        sw.errors.append(f"{e.strerror} '{e.filename}'" if isinstance(e, OSError) and e.filename
+                         else f"{type(e).__name__}: {e}")
+        if not isinstance(e, OSError):  # a full disk needs no traceback; anything else is a bug to report
+            traceback.print_exc()
         sw.stop.set()
 
 
@@ -476,13 +478,13 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(line)
     print(_status(sw.study, sw.max_runs, len(slots)), flush=True)
     run_workers(sw, slots)
+    if sw.errors:
+        raise CleanExit(f"the sweep stopped on its own error ({sw.errors[0]}); its running trials were stopped and "
+                        "the study is consistent: run the same command again to continue")
     rows = write_leaderboard(sw.sweep_dir, sw.study, sw.space)
     print(f"\n{(sw.sweep_dir / 'leaderboard.md').read_text()}")
     print(f"Study {sw.study.study_name} in {where}; browse it with: optuna-dashboard {where}")
     print(f"Compare the trials: tensorboard --logdir {sw.sweep_dir}")
-    if sw.errors:
-        raise CleanExit(f"the sweep stopped on its own error ({sw.errors[0]}); the study is consistent: run the "
-                        "same command again to continue")
     if sw.signal_name:
         print(f"Interrupted. Continue with the same command ({sum(r['state'] == 'waiting' for r in rows)} trial(s) "
               "queued to run again)", file=sys.stderr)
