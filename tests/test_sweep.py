@@ -39,7 +39,7 @@ TINY = [
 # Epochs long enough (~1 s each) for the sweep's once-a-second look at metrics.jsonl to see a trial
 # between epochs.
 SLOWER = [o for o in TINY if not o.startswith(("training.epochs", "data.synthetic.num_train"))] + [
-    "training.epochs=3", "data.synthetic.num_train=2048"]
+    "training.epochs=3", "data.synthetic.num_train=4096"]
 LR = "  training.optimizer.lr: {values: [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3]}\n"
 
 
@@ -65,6 +65,7 @@ def _rows(sweep_dir: Path) -> list[dict]:
 
 def _ok(r: subprocess.CompletedProcess, code: int = 0) -> None:
     assert r.returncode == code, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]  # the trials' own output goes to their logs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path):
     out = tmp_path / "runs"
     sweep_dir = out / "s"
     args = [str(f), "--max-runs", "3", "--output-dir", str(out), *SLOWER[:-2], "training.epochs=2",
-            "data.synthetic.num_train=2048"]
+            "data.synthetic.num_train=2048"]  # ~1 s epochs: the signal finds the second trial training
     # Ctrl-C (SIGINT) while the second trial is training.
     proc = subprocess.Popen([sys.executable, "-m", "train.sweep", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -194,22 +194,23 @@ def _number(v: Any) -> bool:
 
 
 def report_epochs(sw: Sweep, trial: optuna.Trial, run_dir: Path, reported: dict[int, float]) -> bool:
-    """Report each new epoch's metric of ``metrics.jsonl`` to the study; True when there was one."""
-    new = False
+    """Report each new epoch's metric of ``metrics.jsonl`` to the study, asking the pruner after each
+    (not after the last epoch, which is about to end anyway); True: prune the trial now."""
     for rec in read_metrics(run_dir / "metrics.jsonl"):
         epoch, value = rec.get("epoch"), rec.get(sw.space.metric)
         if not (_number(epoch) and _number(value)) or int(epoch) in reported:
             continue
+        reported[int(epoch)] = float(value)
         with sw.lock:
             trial.report(float(value), int(epoch))
-        reported[int(epoch)] = float(value)
-        new = True
-    return new
+            if (sw.epochs is None or int(epoch) < sw.epochs) and trial.should_prune():
+                return True
+    return False
 
 
 def watch(sw: Sweep, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path, reported: dict[int, float]) -> str:
-    """Follow a running trial to its end: ``done``, ``pruned`` (the pruner says so; not after the last
-    epoch, which is about to end anyway) or ``interrupted`` (the sweep is stopping)."""
+    """Follow a running trial to its end: ``done``, ``pruned`` (the pruner says so) or ``interrupted``
+    (the sweep is stopping)."""
     beat = time.time()
     while True:
         try:
@@ -217,16 +218,13 @@ def watch(sw: Sweep, trial: optuna.Trial, proc: subprocess.Popen, run_dir: Path,
             exited = True
         except subprocess.TimeoutExpired:
             exited = False
-        new = report_epochs(sw, trial, run_dir, reported)
+        prune = report_epochs(sw, trial, run_dir, reported)
         if exited:
             return "done"
         if sw.stop.is_set():
             return "interrupted"
-        if new and (sw.epochs is None or max(reported) < sw.epochs):
-            with sw.lock:
-                prune = trial.should_prune()
-            if prune:
-                return "pruned"
+        if prune:
+            return "pruned"
         if time.time() - beat > HEARTBEAT_S:
             beat = time.time()
             with sw.lock:

@@ -378,6 +378,9 @@ class SweepGridSampler(optuna.samplers.GridSampler):
         study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
         study._storage.set_trial_system_attr(trial._trial_id, "grid_id", place)
 
+    def after_trial(self, study, trial, state, values):
+        pass  # Optuna's calls study.stop() once the grid is done, which raises outside optimize(): the sweep counts
+
 
 def startup_trials(max_runs: int) -> int:
     """TPE's random start: Optuna's default of 10 would leave a short sweep all random."""
