@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -154,19 +155,26 @@ def test_kill_9_never_leaves_a_run_locked(out):
 # --- Full and read-only disks (a small tmpfs; needs root to mount) ----------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MiB tmpfs: room for the config, events and best.safetensors of the model below, not for
-    its full state (weights + AdamW moments)."""
+@contextmanager
+def tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of ``size`` mounted under ``tmp_path`` for the body; unmounted after."""
     mount = tmp_path / "disk"
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI and the dev machines run as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: room for the config, events and best.safetensors of the model below, not for
+    its full state (weights + AdamW moments)."""
+    with tmpfs(tmp_path, "3m") as mount:
+        yield mount
 
 
 # ~364k parameters: best.safetensors ~1.5 MB, a full state ~4.4 MB (weights + two AdamW moments).
@@ -224,19 +232,12 @@ def _fill(directory: Path) -> Path:
 
 def test_a_full_disk_at_the_best_checkpoint_keeps_the_previous_one(tmp_path):
     # 1 MiB: room for the config and events, not for a 1.5 MB best.safetensors.
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI and the dev machines run as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path, "1m") as mount:
         r = run_main(args(mount, "best", **WIDE))
         assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
         line = one_error_line(r.stderr)
         assert "best.safetensors" in line and "previous best checkpoint is intact" in line
         assert not list((mount / "best").rglob("*.tmp-*")), "the temporary file is removed"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 FILL_BEFORE_RESULTS = """
