@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Literal, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 from torch import nn
@@ -27,6 +28,34 @@ from train.fsutil import atomic_file, fsync_dir
 from train.models import build_model
 
 FORMAT = "mok-date-checkpoint/1"
+
+
+class YearBinsMeta(BaseModel):
+    """Bin ``k`` covers ``[start + k * width, start + (k + 1) * width)`` years."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    start: float
+    width: float = Field(gt=0)
+    count: int = Field(ge=2, le=100_000)
+
+
+class CalibrationMeta(BaseModel):
+    """Split-conformal corrections (years) per coverage level, fitted on ``n`` val images.
+
+    ``method``: ``abs_residual`` (regression: point +- q) or ``cqr`` (distribution: the predicted
+    quantiles widened, or narrowed when q < 0, by q)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    method: Literal["abs_residual", "cqr"]
+    levels: list[float] = Field(min_length=1)
+    q: list[float] = Field(min_length=1)
+    n: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _one_q_per_level(self):
+        if len(self.q) != len(self.levels):
+            raise ValueError("calibration needs one q per level")
+        return self
 
 
 class CheckpointMeta(BaseModel):
@@ -46,8 +75,18 @@ class CheckpointMeta(BaseModel):
     pixel_mean: list[float] = Field(min_length=3, max_length=3)
     pixel_std: list[float] = Field(min_length=3, max_length=3)
     image_size: int = Field(ge=8, le=1024)
+    # Written since the dating heads (absent in older files, which then predict without intervals):
+    year_bins: Optional[YearBinsMeta] = None  # distribution head: the bin layout its logits refer to
+    calibration: Optional[CalibrationMeta] = None  # conformal date intervals, added at the end of a run
+    # model.name=hf: the backbone's transformers config (to_dict) so predict rebuilds it with no network
+    hf_config: Optional[dict[str, Any]] = None
+    pixel_source: str = "data"  # data: train-split statistics; processor: the pretrained backbone's
 
-    @field_validator("model", "pixel_mean", "pixel_std", mode="before")
+    @property
+    def out_dim(self) -> int:
+        return self.year_bins.count if self.year_bins is not None else 1
+
+    @field_validator("model", "pixel_mean", "pixel_std", "year_bins", "calibration", "hf_config", mode="before")
     @classmethod
     def _json(cls, v):
         if not isinstance(v, str):
@@ -68,9 +107,13 @@ class CheckpointMeta(BaseModel):
 def checkpoint_metadata(
     *, model_cfg: ModelConfig, epoch: int, global_step: int, monitor: str, value: float,
     target_mean: float, target_std: float, pixel_mean: list[float], pixel_std: list[float], image_size: int,
+    year_bins: dict | None = None, hf_config: dict | None = None, pixel_source: str = "data",
 ) -> dict[str, str]:
     """The metadata every best checkpoint carries, as safetensors stores it (``str -> str``)."""
+    optional = {"year_bins": year_bins, "hf_config": hf_config}
     return {
+        **{k: json.dumps(v) for k, v in optional.items() if v is not None},
+        "pixel_source": pixel_source,
         "format": FORMAT,
         "model_config": json.dumps(model_cfg.model_dump(mode="json")),
         "epoch": str(epoch),
@@ -169,7 +212,7 @@ def load_weights_strict(model: nn.Module, path: str, what: str) -> None:
 def build_from_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model described in the checkpoint's metadata and load its weights (eval mode)."""
     tensors, meta = read_checkpoint(path)
-    model = build_model(meta.model)
+    model = build_model(meta.model, out_dim=meta.out_dim, hf_config=meta.hf_config)
     check_tensors_match(model, tensors, f"checkpoint '{path}'", "the model its own metadata describes", _DAMAGED)
     model.load_state_dict(tensors)
     return model.eval(), meta

@@ -213,9 +213,48 @@ class DataConfig(_Section):
         return self
 
 
+class HFConfig(_Section):
+    name_or_path: Optional[str] = Field(
+        None,
+        description=(
+            "A Hugging Face Hub id (e.g. facebook/convnext-tiny-224; must be in the local cache when offline) "
+            "or a local directory written by save_pretrained."
+        ),
+    )
+    pretrained: bool = Field(
+        True, description="true: load the pretrained weights; false: build from the config only (random init)."
+    )
+    config: Optional[dict[str, Any]] = Field(
+        None,
+        description=(
+            "Config fields for a backbone built without any download, e.g. {model_type: convnext, "
+            "hidden_sizes: [16, 32], depths: [1, 1]}; with name_or_path they override that config's fields."
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the backbone's activations in the backward pass (less memory, ~30% slower)."
+    )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _os_path(cls, v):
+        return _path_text(v)
+
+
 class ModelConfig(_Section):
-    name: Literal["mok_cnn", "resnet"] = Field(
-        "mok_cnn", description="mok_cnn (conv-BN-ReLU blocks) or resnet (small ResNet)."
+    name: Literal["mok_cnn", "resnet", "hf"] = Field(
+        "mok_cnn",
+        description="mok_cnn (conv-BN-ReLU blocks), resnet (small ResNet) or hf (a transformers vision backbone)."
+    )
+    head: Literal["regression", "distribution"] = Field(
+        "regression",
+        description=(
+            "regression: one standardized number; distribution: logits over year bins (soft-label cross-entropy), "
+            "the date is the distribution's mean."
+        ),
+    )
+    bin_years: float = Field(
+        1.0, gt=0, le=100, description="distribution head: width of one year bin, in years."
     )
     channels: list[int] = Field(
         [16, 32, 64], min_length=1,
@@ -233,6 +272,7 @@ class ModelConfig(_Section):
     init_from: Optional[str] = Field(
         None, description="Start from the weights of this .safetensors checkpoint (no optimizer state)."
     )
+    hf: HFConfig = HFConfig()
 
     @field_validator("channels")
     @classmethod
@@ -258,6 +298,11 @@ class ModelConfig(_Section):
                 f"(GroupNorm splits the channels into 8 groups); {', '.join(map(str, bad[:5]))} "
                 f"{'is' if len(bad) == 1 else 'are'} not"
             )
+        if self.name == "hf" and self.hf.name_or_path is None and (self.hf.pretrained or not self.hf.config):
+            raise ValueError(
+                "model.name=hf needs model.hf.name_or_path (a Hub id or a local directory), or "
+                "model.hf.pretrained=false with model.hf.config (a backbone built from config fields alone)"
+            )
         return self
 
 
@@ -267,6 +312,9 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (ignored by SGD).")
+    backbone_lr_ratio: float = Field(
+        1.0, gt=0, le=100, description="The backbone's lr = lr x this (the head keeps lr); e.g. 0.1 when fine-tuning."
+    )
 
     @field_validator("betas")
     @classmethod
@@ -292,16 +340,44 @@ class SchedulerConfig(_Section):
     )
 
 
+_HIGHER_IS_BETTER = ("val/acc_5y",)
+
+
 class EarlyStoppingConfig(_Section):
     enabled: bool = Field(True, description="Stop when the monitored metric stops improving.")
-    monitor: Literal["val/loss", "val/rmse", "val/mae"] = Field(
+    monitor: Literal["val/loss", "val/rmse", "val/mae", "val/acc_5y"] = Field(
         "val/rmse", description="Metric for early stopping, the plateau scheduler and the best checkpoint."
     )
-    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher is better.")
+    mode: Optional[Literal["min", "max"]] = Field(
+        None, description="min: lower is better; max: higher is better; null: max for val/acc_5y, else min."
+    )
     patience: int = Field(5, ge=1, le=COUNT_MAX, description="Epochs without improvement before stopping.")
     min_delta: float = Field(
         0.0, ge=0, description="Smallest change that counts as an improvement (in the metric's unit)."
     )
+
+    @property
+    def direction(self) -> str:
+        """``min`` or ``max``: what the monitored metric should do (``mode``, or what the monitor implies)."""
+        return self.mode or ("max" if self.monitor in _HIGHER_IS_BETTER else "min")
+
+    @model_validator(mode="after")
+    def _mode_follows_monitor(self):
+        natural = "max" if self.monitor in _HIGHER_IS_BETTER else "min"
+        if self.mode is not None and self.mode != natural:
+            better = "higher" if natural == "max" else "lower"
+            raise ValueError(f"training.early_stopping.mode={self.mode} does not fit {self.monitor} ({better} is "
+                             f"better): set mode={natural} or leave it null")
+        return self
+
+
+class EMAConfig(_Section):
+    decay: Optional[float] = Field(
+        None, gt=0, lt=1,
+        description="Exponential moving average of the weights, e.g. 0.999; null = off. Validation, the best "
+                    "checkpoint, test and predict use the averaged weights.",
+    )
+    start_epoch: int = Field(1, ge=1, le=COUNT_MAX, description="First epoch whose steps update the average.")
 
 
 def parse_duration(text: str) -> float:
@@ -319,7 +395,17 @@ def parse_duration(text: str) -> float:
 
 class TrainingConfig(_Section):
     epochs: int = Field(12, ge=1, le=COUNT_MAX, description="Maximum number of epochs.")
-    loss: Literal["mse", "huber", "l1"] = Field("mse", description="Loss on standardized targets.")
+    loss: Literal["mse", "huber", "l1"] = Field(
+        "mse", description="regression head: loss on standardized targets (the distribution head uses cross-entropy)."
+    )
+    label_sigma_years: float = Field(
+        2.0, gt=0, le=1000,
+        description="distribution head: std (years) of the Gaussian soft label centred on the true date."
+    )
+    freeze_backbone_epochs: int = Field(
+        0, ge=0, le=COUNT_MAX,
+        description="Train only the head for this many first epochs (the backbone's weights stay bit-unchanged)."
+    )
     huber_delta: float = Field(1.0, gt=0, description="huber: delta, in standardized units.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=COUNT_MAX, description="Micro-batches per optimizer step.")
     max_grad_norm: Optional[float] = Field(
@@ -367,6 +453,7 @@ class TrainingConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    ema: EMAConfig = EMAConfig()
 
     @field_validator("max_time")
     @classmethod
@@ -483,7 +570,28 @@ class LoggingConfig(_Section):
             "metrics)."
         ),
     )
+    eval_grayscale: bool = Field(
+        True,
+        description="At test: also evaluate on grayscale copies of the test images (test_gray/...): does the model "
+                    "date by colour alone?",
+    )
     wandb: WandbConfig = WandbConfig()
+
+
+class CalibrationConfig(_Section):
+    levels: list[float] = Field(
+        [0.8, 0.9], max_length=5,
+        description="Coverage levels of the date intervals, calibrated on the val split (split conformal); [] = off.",
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v):
+        if any(not 0.5 <= x < 1 for x in v):
+            raise ValueError("every level must be in [0.5, 1), e.g. [0.8, 0.9]")
+        if len(set(v)) != len(v) or any(abs(x * 100 - round(x * 100)) > 1e-9 for x in v):
+            raise ValueError("levels must be distinct whole percentages, e.g. [0.8, 0.9, 0.95]")
+        return sorted(v)
 
 
 class Config(_Section):
@@ -493,12 +601,16 @@ class Config(_Section):
     training: TrainingConfig = TrainingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
 
     @model_validator(mode="after")
     def _image_fits_the_model(self):
         # mok_cnn max-pools (rounding down) between blocks: 0x0 feature maps cannot be built.
         # resnet's stride-2 convolutions round up and never go below 1x1.
         halvings = len(self.model.channels) - 1
+        if self.model.head == "distribution" and self.training.loss != "mse":
+            raise ValueError(f"training.loss={self.training.loss} applies to model.head=regression; the distribution "
+                             "head trains with soft-label cross-entropy: leave training.loss at mse")
         if self.model.name == "mok_cnn" and self.data.image_size >> halvings < 1:
             raise ValueError(
                 f"data.image_size={self.data.image_size} is too small for {len(self.model.channels)} blocks "
@@ -578,6 +690,8 @@ def _memory_problems(cfg: Config, memory: int) -> list[str]:
                 f"to generate and hold, {have}; use fewer images (num_train, num_val, num_test) "
                 f"or a smaller data.image_size"
             )
+    if m.name == "hf":
+        return problems  # the backbone's size is known only once transformers builds it
     params = parameter_count(m)
     state = params * 4 * (4 if cfg.training.optimizer.name == "adamw" else 3)  # weights, gradients, optimizer state
     if state > memory:
@@ -635,6 +749,8 @@ def _single_value_problems(cfg: Config, processes: int) -> list[str]:
     """Norm layers that would see one value per channel (BatchNorm, training) or per group (GroupNorm,
     any mode): PyTorch stops with 'Expected more than 1 value per channel when training'."""
     m, size = cfg.model, cfg.data.image_size
+    if m.name == "hf":
+        return []  # the backbone's own layers; transformers checks its inputs
     sizes = feature_sizes(m, size)
     if m.norm == "batch":
         if m.sync_batchnorm and processes > 1:

@@ -223,6 +223,10 @@ class Data:
     bad_rows: list[str] = field(default_factory=list)  # their reasons, "row N: ..."
     cache_note: str = ""  # with data.cache: "image cache built: <file>" or "... reused: <file>"
 
+    def train_batch(self, batch, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` to train on from what the (prepared) train loader yielded in ``epoch``."""
+        return batch[0], batch[1]
+
 
 class EpochSampler(Sampler[tuple[int, int]]):
     """Shuffles with a generator seeded by ``seed + epoch``: the order depends on nothing else.

@@ -215,7 +215,8 @@ def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
     # accumulate() matters only with several micro-batches per optimizer step; its context
     # manager alone costs ~7 us a step, which is measurable on small models (benchmarks/).
     accumulating = cfg.training.gradient_accumulation_steps > 1
-    for x, y in loader:
+    for batch in loader:
+        x, y = run.data.train_batch(batch, epoch)
         if run.memory_format is not None:
             x = x.contiguous(memory_format=run.memory_format)
         with acc.accumulate(model) if accumulating else _NO_ACCUMULATION:
@@ -360,7 +361,7 @@ def update_best(run: Run, epoch: int, metrics: dict) -> bool:
     cfg, acc, progress, data = run.cfg, run.accelerator, run.progress, run.data
     es = cfg.training.early_stopping
     value = metrics[es.monitor]
-    sign = 1.0 if es.mode == "min" else -1.0
+    sign = 1.0 if es.direction == "min" else -1.0
     first = progress.best_epoch == 0
     improved = math.isfinite(value) and (first or sign * (progress.best_value - value) > es.min_delta)
     if improved:

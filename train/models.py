@@ -1,4 +1,4 @@
-"""Models that map an RGB image to one number: the standardized date.
+"""Models that map an RGB image to the date: one standardized number, or logits over year bins.
 
 Two families, chosen by ``model.name``:
 
@@ -6,8 +6,10 @@ Two families, chosen by ``model.name``:
   resolution), global average pooling and a small regression head.
 - ``resnet``: a small ResNet (basic blocks, one stage per entry of ``channels``).
 
-Both are built from a ``ModelConfig`` alone (``build_model``), so a checkpoint that stores the model
-config in its metadata can rebuild the exact architecture without the YAML it came from.
+Both are built from a ``ModelConfig`` and the head's output width alone (``build_model``), so a
+checkpoint that stores both in its metadata can rebuild the exact architecture without the YAML it
+came from. Every parameter whose name starts with ``head.`` is the head; everything else is the
+backbone (``is_head_parameter``: what freezing and the per-group learning rates split on).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class MoKCNN(nn.Module):
     """conv-norm-ReLU x2 per block, max-pool between blocks, global pooling, MLP head."""
 
-    def __init__(self, channels: list[int], hidden: int, dropout: float, norm: str, in_channels: int = 3):
+    def __init__(self, channels: list[int], hidden: int, dropout: float, norm: str, in_channels: int = 3,
+                 out_dim: int = 1):
         super().__init__()
+        self.out_dim = out_dim
         layers: list[nn.Module] = []
         c_in = in_channels
         for i, c_out in enumerate(channels):
@@ -55,11 +59,11 @@ class MoKCNN(nn.Module):
             nn.Linear(c_in, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden, out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).squeeze(-1)
+        return _squeeze(self.head(self.features(x)), self.out_dim)
 
 
 class BasicBlock(nn.Module):
@@ -83,8 +87,10 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """A ResNet with one basic block per stage; every stage after the first halves the resolution."""
 
-    def __init__(self, channels: list[int], hidden: int, dropout: float, norm: str, in_channels: int = 3):
+    def __init__(self, channels: list[int], hidden: int, dropout: float, norm: str, in_channels: int = 3,
+                 out_dim: int = 1):
         super().__init__()
+        self.out_dim = out_dim
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False),
             _norm(norm, channels[0]),
@@ -102,19 +108,34 @@ class SmallResNet(nn.Module):
             nn.Linear(c_in, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden, out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(self.stem(x))).squeeze(-1)
+        return _squeeze(self.head(self.stages(self.stem(x))), self.out_dim)
+
+
+def _squeeze(out: torch.Tensor, out_dim: int) -> torch.Tensor:
+    # The regression head's one output becomes shape [batch] (what the losses and targets use).
+    return out.squeeze(-1) if out_dim == 1 else out
 
 
 MODELS = {"mok_cnn": MoKCNN, "resnet": SmallResNet}
 
 
-def build_model(cfg: "ModelConfig") -> nn.Module:
-    """Build the network named by ``cfg.name`` with the sizes in ``cfg``; outputs shape ``[batch]``."""
-    return MODELS[cfg.name](channels=list(cfg.channels), hidden=cfg.hidden, dropout=cfg.dropout, norm=cfg.norm)
+def build_model(cfg: "ModelConfig", out_dim: int = 1, hf_config: dict | None = None) -> nn.Module:
+    """Build the network named by ``cfg.name`` with the sizes in ``cfg``.
+
+    ``out_dim``: 1 for the regression head (outputs shape ``[batch]``), the number of year bins for
+    the distribution head (outputs ``[batch, out_dim]`` logits). ``hf_config``: model.name=hf only,
+    the backbone's saved transformers config (a checkpoint's), so no download is needed."""
+    return MODELS[cfg.name](channels=list(cfg.channels), hidden=cfg.hidden, dropout=cfg.dropout, norm=cfg.norm,
+                            out_dim=out_dim)
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether the parameter (a ``named_parameters`` name of the unwrapped model) belongs to the head."""
+    return name.startswith("head.")
 
 
 def maybe_sync_batchnorm(model: nn.Module, cfg: "ModelConfig", num_processes: int,

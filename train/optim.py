@@ -66,7 +66,7 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     if s.name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_epochs, gamma=s.gamma), False
     if s.name == "plateau":
-        mode = cfg.training.early_stopping.mode
+        mode = cfg.training.early_stopping.direction
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=mode, factor=s.plateau_factor, patience=s.plateau_patience
         )
