@@ -361,15 +361,6 @@ class EarlyStoppingConfig(_Section):
         """``min`` or ``max``: what the monitored metric should do (``mode``, or what the monitor implies)."""
         return self.mode or ("max" if self.monitor in _HIGHER_IS_BETTER else "min")
 
-    @model_validator(mode="after")
-    def _mode_follows_monitor(self):
-        natural = "max" if self.monitor in _HIGHER_IS_BETTER else "min"
-        if self.mode is not None and self.mode != natural:
-            better = "higher" if natural == "max" else "lower"
-            raise ValueError(f"training.early_stopping.mode={self.mode} does not fit {self.monitor} ({better} is "
-                             f"better): set mode={natural} or leave it null")
-        return self
-
 
 class EMAConfig(_Section):
     decay: Optional[float] = Field(
