@@ -32,6 +32,7 @@ from train.config import Config, parse_duration
 from train.console import early_stop_reason, epoch_block, print_results, progress_bar, startup_summary
 from train.data import Data, baselines, build_data, make_loaders
 from train.errors import NonFiniteLoss, Stopped, UserError
+from train import finetune
 from train.fsutil import atomic_write_bytes
 from train.models import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler, lr_values
@@ -59,6 +60,8 @@ def train(cfg: Config, resume: str | None = None, restart: bool = False) -> dict
             return plan.finished_results  # a finished run, resumed: nothing to do, nothing rewritten
         cfg = resolve_config(cfg, plan.name, rt)
         data = build_data(cfg, is_local_main=rt.is_local_main, is_main=rt.is_main)
+        if note := finetune.use_backbone_normalization(cfg, data):
+            rt.say(note)
         loaders = make_loaders(cfg, data)
         model = build_run_model(cfg, rt, plan)
         optimizer = build_optimizer(cfg, model)
@@ -119,6 +122,8 @@ class Run:
     epoch_cpu_seconds: list[float] = field(default_factory=list)
     clock: "EpochClock | None" = None
     val_samples: int = 0
+    ema: Any = None  # train.finetune's EMA of the weights, when training.ema.decay is set
+    frozen: bool = False  # the backbone is frozen this epoch (training.freeze_backbone_epochs)
 
     def first_epoch(self) -> int:
         p = self.progress
@@ -148,6 +153,9 @@ def start_run(cfg: Config, accelerator: Accelerator, model, optimizer, loaders, 
         build_loss(cfg, reduction="none"), memory_format(cfg), clip_norm,
         lr_used=[g["lr"] for g in optimizer.param_groups], val_samples=progress.val_samples,
     )
+    run.ema = finetune.make_ema(cfg, accelerator.unwrap_model(model))
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)  # part of every full state, restored on resume
     run.say(startup_summary(startup_facts(run, steps_per_epoch, resumed=plan.progress is not None)))
     return run
 
@@ -187,8 +195,9 @@ def run_epochs(run: Run) -> None:
             if run.progress.finished:
                 break
             totals, train_seconds = train_epoch(run, epoch)
-            val = evaluate(run.accelerator, run.model, run.val_loader, run.eval_loss, run.data.target_std,
-                           run.memory_format, keep=cfg.logging.log_predictions)
+            with finetune.ema_weights(run.ema, run.model):
+                val = evaluate(run.accelerator, run.model, run.val_loader, run.eval_loss, run.data.target_std,
+                               run.memory_format, keep=cfg.logging.log_predictions)
             close_epoch(run, epoch, totals, train_seconds, val)
     except Stopped:
         publish_report(run)  # a run stopped to be resumed still gets its curves so far
@@ -204,6 +213,8 @@ def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
     """
     acc, model, progress, cfg = run.accelerator, run.model, run.progress, run.cfg
     model.train()
+    run.frozen = finetune.backbone_frozen(cfg, epoch)
+    finetune.set_backbone_frozen(acc.unwrap_model(model), run.frozen)
     skip = progress.batches_done if (not progress.epoch_done and epoch == progress.epoch) else 0
     loader = acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
     loader.set_epoch(epoch)  # on the prepared loader: it passes the epoch to our sampler on every iteration
@@ -241,6 +252,7 @@ def optimizer_step(run: Run) -> bool:
     acc = run.accelerator
     step_ok = True
     if acc.sync_gradients:
+        finetune.drop_frozen_grads(acc.unwrap_model(run.model), run.frozen)
         if run.logs.grad_layers is not None:
             run.logs.after_backward(run.progress.global_step + 1)
         if run.clip_norm is not None:
@@ -258,6 +270,8 @@ def after_optimizer_step(run: Run, loss: torch.Tensor, sums: "EpochSums", bar) -
     """Count the step, move the schedule, log (every ``log_every_n_steps``), stop or save if due."""
     progress, acc = run.progress, run.accelerator
     progress.global_step += 1
+    if run.ema is not None:
+        run.ema.update(acc.unwrap_model(run.model), progress.epoch)
     run.lr_used = [g["lr"] for g in run.optimizer.param_groups]  # this step's, before the schedule moves on
     if run.step_per_batch and not acc.optimizer_step_was_skipped:
         run.scheduler.step()
@@ -370,8 +384,9 @@ def update_best(run: Run, epoch: int, metrics: dict) -> bool:
             model_cfg=cfg.model, epoch=epoch, global_step=progress.global_step, monitor=es.monitor, value=value,
             target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
             pixel_std=data.pixel_std, image_size=cfg.data.image_size,
+            **finetune.checkpoint_extras(cfg, acc.unwrap_model(run.model)),
         )
-        with run.clock.paused():
+        with run.clock.paused(), finetune.ema_weights(run.ema, run.model):
             run.best.save(acc, run.model, meta)
             if cfg.logging.wandb.log_model:
                 log_model_artifact(acc, run.best.path, meta)
