@@ -88,6 +88,21 @@ def test_kill_9_and_resume_is_bit_identical(straight, out, every_n_steps):
     assert steps == sorted(set(steps)) and len(steps) == 4
 
 
+def test_kill_9_and_resume_with_the_distribution_head_is_bit_identical(out):
+    extra = {"checkpoint.every_n_steps": 6, "model.head": "distribution", "training.epochs": 2}
+    r = run_main(args(out, "ds", **extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = start(out, "dk", **extra)
+    wait_for_state(out / "dk", proc)
+    proc.kill()
+    proc.wait()
+    r = run_main(args(out, "dk", **extra) + ["--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(final_weights(out / "ds"), final_weights(out / "dk"))
+    done = [json.loads((out / name / "results.json").read_text()) for name in ("ds", "dk")]
+    assert done[0]["test/mae"] == done[1]["test/mae"] and done[0]["calibration"] == done[1]["calibration"]
+
+
 def test_sigterm_saves_resumes_same_wandb_run_and_is_exact(straight, out):
     proc = start(out, "t", **{"logging.wandb.enabled": "true", "checkpoint.every_n_steps": 6})
     wait_for_state(out / "t", proc)

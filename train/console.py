@@ -23,8 +23,9 @@ def epoch_block(epoch: int, epochs: int, m: dict, improved: bool, patience: int 
     block = (
         f"\nEpoch [{epoch}/{epochs}] Results:{star}\n"
         f"  Train Loss: {m['train/loss']:.6f}  |  Train RMSE: {m['train/rmse']:.3f} years\n"
-        f"  Val Loss:   {m['val/loss']:.6f}  |  Val RMSE:   {m['val/rmse']:.3f} years  |  "
-        f"Val MAE: {m['val/mae']:.3f} years\n"
+        f"  Val Loss:   {m['val/loss']:.6f}  |  Val RMSE:   {m['val/rmse']:.3f} years\n"
+        f"  Val MAE: {m['val/mae']:.1f} years | within 5 years: {100 * m['val/acc_5y']:.1f}% | "
+        f"decade: {100 * m['val/acc_decade']:.1f}%\n"
         f"  Learning Rate: {m['lr']:.2e}"
     )
     if patience is not None and bad_epochs:
@@ -83,16 +84,39 @@ def early_stop_reason(monitor: str, min_delta: float, patience: int, best_value:
 
 
 def print_results(r: dict) -> None:
-    print(
-        f"\nTest results (best weights from epoch {r['best_epoch']}, {r['test_samples']} images):\n"
+    lines = [
+        f"\nTest results (best weights from epoch {r['best_epoch']}, {r['test_samples']} images):",
         f"  Test Loss: {r['test/loss']:.6f}  |  Test RMSE: {r['test/rmse']:.3f} years  |  "
-        f"Test MAE: {r['test/mae']:.3f} years\n"
+        f"Test MAE: {r['test/mae']:.3f} years",
+        f"  Within 5 years: {100 * r['test/acc_5y']:.1f}%  |  Decade: {100 * r['test/acc_decade']:.1f}%",
+    ]
+    lines += _interval_lines(r)
+    if "test_gray/mae" in r:
+        lines.append(f"  Grayscale copies: MAE {r['test_gray/mae']:.3f} years, within 5 years "
+                     f"{100 * r['test_gray/acc_5y']:.1f}% (colour removed)")
+    lines += [
         f"  Baseline RMSE, predict the train mean:       {r['baseline/mean_rmse']:.3f} years "
-        f"(CNN/baseline = {r['test/rmse_over_mean_baseline']:.2f})\n"
+        f"(CNN/baseline = {r['test/rmse_over_mean_baseline']:.2f})",
         f"  Baseline RMSE, linear on colour mean/std:    {r['baseline/colour_linear_rmse']:.3f} years "
-        f"(CNN/baseline = {r['test/rmse_over_colour_linear_baseline']:.2f})\n"
-        f"  Results: {Path(r['run_dir']) / 'results.json'}"
-    )
+        f"(CNN/baseline = {r['test/rmse_over_colour_linear_baseline']:.2f})",
+    ]
+    if "floor/rmse" in r:
+        lines.append(f"  Floor, a predictor that reads the apparent age exactly: RMSE {r['floor/rmse']:.3f} years, "
+                     f"MAE {r['floor/mae']:.3f} years (CNN/floor RMSE = {r['test/rmse'] / r['floor/rmse']:.2f})")
+    decades = r.get("test/by_decade") or {}
+    if decades:
+        lines.append("  MAE by decade: " + ", ".join(f"{d}s {v['mae']:.1f}" for d, v in decades.items()))
+    lines.append(f"  Results: {Path(r['run_dir']) / 'results.json'}")
+    print("\n".join(lines))
+
+
+def _interval_lines(r: dict) -> list[str]:
+    cal = r.get("calibration")
+    if not cal:
+        return []
+    parts = [f"{round(lv * 100)}%: coverage {100 * r[f'test/coverage_{round(lv * 100)}']:.1f}%, mean width "
+             f"{r[f'test/width_{round(lv * 100)}']:.1f} years" for lv in cal["levels"]]
+    return [f"  Date intervals (calibrated on {cal['n']} val images): " + " | ".join(parts)]
 
 
 class PlainProgress:

@@ -31,6 +31,10 @@ from train.checkpoints import BestCheckpoint, checkpoint_metadata, load_weights_
 from train.config import Config, parse_duration
 from train.console import early_stop_reason, epoch_block, print_results, progress_bar, startup_summary
 from train.data import Data, baselines, build_data, make_loaders
+from train.heads import Head, build_head
+from train.calibration import calibrate, coverage_report, intervals, level_label, quantile_levels
+from train.metrics import by_decade, date_metrics
+from train.synthetic import synthetic_floor
 from train.errors import NonFiniteLoss, Stopped, UserError
 from train import finetune
 from train.fsutil import atomic_write_bytes
@@ -63,7 +67,9 @@ def train(cfg: Config, resume: str | None = None, restart: bool = False) -> dict
         if note := finetune.use_backbone_normalization(cfg, data):
             rt.say(note)
         loaders = make_loaders(cfg, data)
-        model = build_run_model(cfg, rt, plan)
+        head = build_head(cfg, data.target_mean, data.target_std, data.train.years, build_loss(cfg),
+                          build_loss(cfg, reduction="none"))
+        model = build_run_model(cfg, rt, plan, head.out_dim)
         optimizer = build_optimizer(cfg, model)
         check_state_fits(plan, model, optimizer)  # the last refusal: nothing has been written yet
         open_run_dir(plan, cfg, rt.processes)
@@ -72,7 +78,7 @@ def train(cfg: Config, resume: str | None = None, restart: bool = False) -> dict
             if data.skipped_rows and plan.progress is None:
                 accelerator.log({"data/skipped_rows": data.skipped_rows}, step=0)
             model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
-            run = start_run(cfg, accelerator, model, optimizer, loaders, data, plan, best)
+            run = start_run(cfg, accelerator, model, optimizer, loaders, data, plan, best, head)
             if plan.resume_dir is not None:
                 restore_state(accelerator, run.scheduler, plan)
             with run.stop:  # signals become a flag, read at the agreement points
@@ -82,10 +88,11 @@ def train(cfg: Config, resume: str | None = None, restart: bool = False) -> dict
             return results
 
 
-def build_run_model(cfg: Config, rt: Runtime, plan: RunPlan) -> nn.Module:
-    """The configured model, seeded, warm-started when asked, placed for this runtime."""
+def build_run_model(cfg: Config, rt: Runtime, plan: RunPlan, out_dim: int) -> nn.Module:
+    """The configured model (``out_dim``: the head's outputs), seeded, warm-started when asked, placed
+    for this runtime."""
     set_seed(cfg.experiment.seed)  # before the model exists: its initialization is part of the run
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, out_dim=out_dim)
     if cfg.model.init_from and plan.progress is None:
         load_weights_strict(model, cfg.model.init_from, what="model.init_from")
         rt.say(f"Initialized the model from {cfg.model.init_from}")
@@ -111,8 +118,7 @@ class Run:
     best: BestCheckpoint
     stop: StopControl
     logs: OptionalLogs
-    loss_fn: nn.Module
-    eval_loss: nn.Module  # per-sample values, for the gathered evaluation
+    head: Head  # what the outputs mean: the loss, the point estimate, the predicted quantiles
     memory_format: torch.memory_format | None
     clip_norm: float | None  # max_grad_norm, inf to only read the norm (skip_step), None: neither
     skipped_steps: int = 0
@@ -135,7 +141,7 @@ class Run:
 
 
 def start_run(cfg: Config, accelerator: Accelerator, model, optimizer, loaders, data: Data, plan: RunPlan,
-              best: BestCheckpoint) -> Run:
+              best: BestCheckpoint, head: Head) -> Run:
     """Everything the epochs need that depends on the prepared objects."""
     train_loader, val_loader, test_loader = loaders
     steps_per_epoch = math.ceil(len(train_loader) / cfg.training.gradient_accumulation_steps)
@@ -149,8 +155,8 @@ def start_run(cfg: Config, accelerator: Accelerator, model, optimizer, loaders, 
     clip_norm = t.max_grad_norm or (math.inf if t.on_nonfinite == "skip_step" else None)
     run = Run(
         cfg, accelerator, model, optimizer, scheduler, step_per_batch, train_loader, val_loader, test_loader, data,
-        progress, plan.run_dir, best, stop, OptionalLogs(accelerator, model, cfg, data), build_loss(cfg),
-        build_loss(cfg, reduction="none"), memory_format(cfg), clip_norm,
+        progress, plan.run_dir, best, stop, OptionalLogs(accelerator, model, cfg, data), head, memory_format(cfg),
+        clip_norm,
         lr_used=[g["lr"] for g in optimizer.param_groups], val_samples=progress.val_samples,
     )
     run.ema = finetune.make_ema(cfg, accelerator.unwrap_model(model))
@@ -196,8 +202,7 @@ def run_epochs(run: Run) -> None:
                 break
             totals, train_seconds = train_epoch(run, epoch)
             with finetune.ema_weights(run.ema, run.model):
-                val = evaluate(run.accelerator, run.model, run.val_loader, run.eval_loss, run.data.target_std,
-                               run.memory_format, keep=cfg.logging.log_predictions)
+                val = evaluate(run.accelerator, run.model, run.val_loader, run.head, run.memory_format)
             close_epoch(run, epoch, totals, train_seconds, val)
     except Stopped:
         publish_report(run)  # a run stopped to be resumed still gets its curves so far
@@ -218,7 +223,8 @@ def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
     skip = progress.batches_done if (not progress.epoch_done and epoch == progress.epoch) else 0
     loader = acc.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
     loader.set_epoch(epoch)  # on the prepared loader: it passes the epoch to our sampler on every iteration
-    sums = EpochSums(acc.device, mse=cfg.training.loss == "mse", start=progress.train_sums if skip else None)
+    mse = cfg.model.head == "regression" and cfg.training.loss == "mse"
+    sums = EpochSums(acc.device, mse=mse, start=progress.train_sums if skip else None)
     progress.epoch, progress.epoch_done, progress.batches_done = epoch, False, skip
     t0, run.clock = time.perf_counter(), EpochClock()
     show = acc.is_local_main_process and cfg.logging.progress_bar
@@ -231,8 +237,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[torch.Tensor, float]:
         if run.memory_format is not None:
             x = x.contiguous(memory_format=run.memory_format)
         with acc.accumulate(model) if accumulating else _NO_ACCUMULATION:
-            pred = model(x).float()
-            loss = run.loss_fn(pred, y)
+            out = model(x).float()
+            loss = run.head.loss(out, y)
+            pred = run.head.point(out)
             acc.backward(loss)
             step_ok = optimizer_step(run)
         if step_ok:
@@ -358,7 +365,7 @@ def epoch_metrics(run: Run, epoch: int, totals: torch.Tensor, train_seconds: flo
     metrics = {
         "train/loss": totals[0].item() / n_train,
         "train/rmse": math.sqrt(totals[1].item() / n_train) * run.data.target_std,
-        **{f"val/{k}": v for k, v in val.items() if k not in ("n", "pred", "y")},
+        **{f"val/{k}": v for k, v in val.items() if k in _SPLIT_METRICS},
         **lr_values(run.optimizer, run.lr_used),
         "epoch": epoch,
         "epoch_time_s": train_seconds,  # training only (mid-epoch saves included); see results' epoch_times_s
@@ -384,6 +391,7 @@ def update_best(run: Run, epoch: int, metrics: dict) -> bool:
             model_cfg=cfg.model, epoch=epoch, global_step=progress.global_step, monitor=es.monitor, value=value,
             target_mean=data.target_mean, target_std=data.target_std, pixel_mean=data.pixel_mean,
             pixel_std=data.pixel_std, image_size=cfg.data.image_size,
+            year_bins=run.head.bins.as_meta() if run.head.kind == "distribution" else None,
             **finetune.checkpoint_extras(cfg, acc.unwrap_model(run.model)),
         )
         with run.clock.paused(), finetune.ema_weights(run.ema, run.model):
@@ -415,12 +423,16 @@ def test_and_report(run: Run) -> dict:
         run.best.load_into(acc, run.model)
     else:
         run.say(f"warning: {cfg.training.early_stopping.monitor} was never finite; testing the last weights")
-    test = evaluate(acc, run.model, run.test_loader, run.eval_loss, run.data.target_std, run.memory_format,
-                    keep=True)
-    test_metrics = {f"test/{k}": v for k, v in test.items() if k not in ("n", "pred", "y")}
+    calibration = calibrate_intervals(run) if progress.best_epoch else None
+    taus = quantile_levels(calibration["levels"]) if calibration and run.head.kind == "distribution" else None
+    test = evaluate(acc, run.model, run.test_loader, run.head, run.memory_format, taus=taus)
+    test_metrics = {f"test/{k}": test[k] for k in _SPLIT_METRICS}
+    test_metrics.update(test_extras(run, test, calibration))
     acc.log(test_metrics, step=progress.global_step)
     run.logs.after_test(test, progress.global_step)
     base = baselines(run.data, num_workers=cfg.data.num_workers) if acc.is_main_process else {}
+    if cfg.data.kind == "synthetic":
+        base.update(synthetic_floor(cfg, run.data.test.years.numpy()))
     monitored = cfg.training.early_stopping.monitor.split("/")[1]
     results = {
         **test_metrics,
@@ -441,23 +453,110 @@ def test_and_report(run: Run) -> dict:
         "epoch_times_s": run.epoch_seconds,  # train + validation + logs per epoch, state writes excluded
         "epoch_cpu_times_s": run.epoch_cpu_seconds,
         "run_dir": str(run.run_dir),
+        "calibration": calibration,
+        "test/by_decade": by_decade(*years_of(run.head, test)),
     }
     if acc.is_main_process:
         write_results(run.run_dir / "results.json", results)
-        write_test_predictions(run, test)
+        write_test_predictions(run, test, calibration)
         print_results(results)
     publish_report(run)
     return results
 
 
-def write_test_predictions(run: Run, test: dict) -> None:
-    """``predictions_test.csv`` from the gathered test predictions (dataset order)."""
-    d = run.data
-    true = test["y"].double().numpy() * d.target_std + d.target_mean
-    predicted = test["pred"].double().numpy() * d.target_std + d.target_mean
-    names = [str(p) for p in d.test.paths] if d.test.paths is not None else [f"test #{i}" for i in range(len(true))]
+def years_of(head: Head, split: dict) -> tuple:
+    """``(true, predicted)`` years of an ``evaluate`` result."""
+    return (split["y"].double().numpy() * head.target_std + head.target_mean,
+            split["pred"].double().numpy() * head.target_std + head.target_mean)
+
+
+def calibrate_intervals(run: Run) -> dict | None:
+    """Split-conformal date intervals fitted on the val split with the best weights, stored in
+    ``best.safetensors`` (and its W&B artifact, which then carries the ``best`` alias)."""
+    levels = run.cfg.calibration.levels
+    if not levels:
+        return None
+    taus = quantile_levels(levels) if run.head.kind == "distribution" else None
+    val = evaluate(run.accelerator, run.model, run.val_loader, run.head, run.memory_format, taus=taus)
+    true, point = years_of(run.head, val)
+    q = val["q"].double().numpy() if taus else None
+    calibration, skipped = calibrate(levels, true, point, q)
+    if skipped:
+        run.say(f"warning: {len(true)} val images are too few to calibrate the "
+                f"{', '.join(level_label(v) for v in skipped)}% intervals (a level L needs at least "
+                f"1/(1-L) - 1 images); no interval for them")
+    if calibration is None:
+        return None
+    acc = run.accelerator
+    if acc.is_main_process:
+        meta = rewrite_metadata(run.best.path, {"calibration": json.dumps(calibration)})
+        if run.cfg.logging.wandb.log_model:
+            log_model_artifact(acc, run.best.path, meta)
+    acc.wait_for_everyone()
+    return calibration
+
+
+def rewrite_metadata(path: Path, extra: dict[str, str]) -> dict[str, str]:
+    """Atomically rewrite a safetensors file with the same tensors and ``extra`` merged into its metadata."""
+    from safetensors.torch import save_file
+
+    from train.checkpoints import read_safetensors
+    from train.fsutil import atomic_file
+
+    tensors, meta = read_safetensors(path)
+    meta = {**meta, **extra}
     try:
-        write_predictions(run.run_dir / "predictions_test.csv", names, true, predicted)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the checkpoint is intact without its "
+                        "calibration: free disk space, then run the same command with --resume auto") from None
+    return meta
+
+
+def test_extras(run: Run, test: dict, calibration: dict | None) -> dict:
+    """Interval coverage and width per level, MAE by decade, and the grayscale check."""
+    out: dict[str, float] = {}
+    true, point = years_of(run.head, test)
+    if calibration is not None:
+        q = test["q"].double().numpy() if "q" in test else None
+        out.update(coverage_report(calibration, true, point, q, prefix="test/"))
+    for d, m in by_decade(true, point).items():
+        out[f"test/mae_by_decade/{d}s"] = m["mae"]
+    if run.cfg.logging.eval_grayscale:
+        gray = evaluate(run.accelerator, run.model, run.test_loader, run.head, run.memory_format,
+                        transform=GrayScale(run.data, run.accelerator.device))
+        out.update({f"test_gray/{k}": gray[k] for k in _SPLIT_METRICS})
+    return out
+
+
+class GrayScale:
+    """Normalized input batch -> the same images in grayscale (ITU-R 601 luma in every channel),
+    normalized again: what the model sees of an image when colour carries no date."""
+
+    def __init__(self, data: Data, device: torch.device):
+        self.mean = torch.tensor(data.pixel_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(data.pixel_std, device=device).view(1, 3, 1, 1)
+        self.luma = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x.float() * self.std + self.mean
+        gray = (raw * self.luma).sum(1, keepdim=True)
+        return ((gray - self.mean) / self.std).to(x.dtype)
+
+
+def write_test_predictions(run: Run, test: dict, calibration: dict | None) -> None:
+    """``predictions_test.csv`` from the gathered test predictions (dataset order), with the
+    calibrated interval of each image when there is a calibration."""
+    d = run.data
+    true, predicted = years_of(run.head, test)
+    names = [str(p) for p in d.test.paths] if d.test.paths is not None else [f"test #{i}" for i in range(len(true))]
+    bounds = {}
+    if calibration is not None:
+        q = test["q"].double().numpy() if "q" in test else None
+        bounds = {level_label(lv): b for lv, b in intervals(calibration, predicted, q).items()}
+    try:
+        write_predictions(run.run_dir / "predictions_test.csv", names, true, predicted, bounds)
     except OSError as e:
         raise UserError(f"could not write {run.run_dir / 'predictions_test.csv'} ({e.strerror or e}); results.json "
                         "is written: free disk space, then run the same command with --resume auto") from None
@@ -546,36 +645,42 @@ class EpochSums:
         return torch.stack([self.loss, self.loss if self.sq is None else self.sq, n])
 
 
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader, per_sample, target_std: float,
-             memory_format: torch.memory_format | None = None, keep: bool = False) -> dict:
-    """Loss (standardized units), RMSE and MAE (years) over the whole split, all processes together.
+_SPLIT_METRICS = ("loss", "rmse", "mae", "acc_5y", "acc_decade")
 
-    ``gather_for_metrics`` drops the samples the distributed sampler repeats to even out the last
-    batch, and RMSE comes from the summed squared errors, never from an average of per-process RMSEs.
-    ``keep``: also return the gathered standardized predictions and targets (``pred``, ``y``, on the
-    CPU) in dataset order: the loader is not shuffled and each gather concatenates the processes'
-    consecutive batches.
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, head: Head,
+             memory_format: torch.memory_format | None = None, taus: list[float] | None = None,
+             transform=None) -> dict:
+    """The split's loss (the head's, per sample) and the field's metrics in years, all processes together.
+
+    Every metric comes from per-sample values gathered from all processes (``gather_for_metrics``
+    also drops the samples the distributed sampler repeats to even out the last batch), never from an
+    average of per-process values. Also returns the gathered standardized predictions and targets
+    (``pred``, ``y``, on the CPU, dataset order: the loader is not shuffled and each gather
+    concatenates the processes' consecutive batches) and, with ``taus``, the predicted quantiles in
+    years (``q``, ``[n, len(taus)]``; distribution head only). ``transform``: applied to each input
+    batch first (the grayscale check).
     """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kept: list[tuple[torch.Tensor, ...]] = []
     for x, y in loader:
+        if transform is not None:
+            x = transform(x)
         if memory_format is not None:
             x = x.contiguous(memory_format=memory_format)
-        pred = model(x).float()
-        pred, y = accelerator.gather_for_metrics((pred, y))
-        err = pred - y
-        n = torch.tensor(float(len(y)), device=y.device)
-        sums += torch.stack([per_sample(pred, y).sum(), err.pow(2).sum(), err.abs().sum(), n]).double()
-        if keep:
-            kept.append((pred.cpu(), y.cpu()))
+        out = model(x).float()
+        parts = [head.point(out), y.float(), head.per_sample(out, y).float()]
+        q = head.quantiles(out, taus) if taus else None
+        parts += [q] if q is not None else []
+        kept.append(tuple(t.cpu() for t in accelerator.gather_for_metrics(tuple(parts))))
     model.train()
-    loss_sum, sq, ab, n = sums.tolist()
-    n = max(n, 1.0)
-    out = {"loss": loss_sum / n, "rmse": math.sqrt(sq / n) * target_std, "mae": ab / n * target_std, "n": n}
-    if keep:
-        out["pred"], out["y"] = (torch.cat(t) for t in zip(*kept)) if kept else (torch.zeros(0), torch.zeros(0))
-    return out
-
-
+    columns = [torch.cat(c) for c in zip(*kept)] if kept else [torch.zeros(0)] * 3
+    pred, y, loss = columns[:3]
+    true_years = y.double().numpy() * head.target_std + head.target_mean
+    pred_years = pred.double().numpy() * head.target_std + head.target_mean
+    result = {"loss": loss.double().mean().item() if len(loss) else math.nan, **date_metrics(true_years, pred_years),
+              "n": float(len(y)), "pred": pred, "y": y}
+    if len(columns) > 3:
+        result["q"] = columns[3]
+    return result

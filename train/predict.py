@@ -28,8 +28,11 @@ cannot be decoded, and CSV rows whose file is missing, stop the command (``error
 the output and the evaluation, counted and the first named on stderr (``skip``).
 
 ``--output``: a CSV with one row per image: ``path`` (as written in the CSV, or relative to the
-input directory), ``predicted_year`` (decimal year), ``calendar_year`` (its floor), and
-``true_year`` in an evaluation.
+input directory), ``predicted_year`` (decimal year), ``calendar_year`` (its floor), the calibrated
+date interval of each level the checkpoint carries (``low_80, high_80, low_90, high_90``: the
+true date lies inside for about that share of images like the val split), and ``true_year`` in an
+evaluation (which also prints MAE, within-5-years and decade accuracy and each level's coverage).
+A checkpoint written before intervals existed predicts as before, without interval columns.
 
 Images are decoded exactly as in training (``train.data.decode_image``), so the pixels, and hence
 the predictions, match what the trainer evaluated. Exit codes: 0 done, 2 bad input (one ``error:``
@@ -69,6 +72,8 @@ from train.data import (  # noqa: E402
 )
 from train.errors import UserError, run_cli  # noqa: E402
 from train.fsutil import atomic_file  # noqa: E402
+from train.calibration import intervals, level_label, quantile_levels  # noqa: E402
+from train.heads import head_from_meta  # noqa: E402
 from train.metrics import year_errors  # noqa: E402
 
 SPLITS = ("all", "train", "val", "test")
@@ -235,15 +240,22 @@ def split_inputs(ckpt: Path, split: str, input_path=None, path_column=None, date
 # --------------------------------------------------------------------------------------------------
 
 
-def predict_years(model: torch.nn.Module, meta: CheckpointMeta, images_uint8: torch.Tensor) -> torch.Tensor:
+def predict_years(model: torch.nn.Module, meta: CheckpointMeta,
+                  images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dates in decimal years for a batch of uint8 ``[B, 3, H, W]`` images (already resized), on the
-    model's device; normalized with the checkpoint's pixel statistics as in training."""
+    model's device; normalized with the checkpoint's pixel statistics as in training. Also the
+    predicted quantiles ``[B, 2 x levels]`` the calibrated intervals need (distribution head with a
+    calibration; else None)."""
     mean = torch.tensor(meta.pixel_mean, device=images_uint8.device).view(1, 3, 1, 1)
     std = torch.tensor(meta.pixel_std, device=images_uint8.device).view(1, 3, 1, 1)
     x = (images_uint8.float() / 255.0 - mean) / std
+    head = head_from_meta(meta)
     with torch.no_grad():
-        out = model(x).double()
-    return out.cpu() * meta.target_std + meta.target_mean
+        out = model(x).float()
+        years = head.point(out).double().cpu() * meta.target_std + meta.target_mean
+        taus = quantile_levels(meta.calibration.levels) if meta.calibration is not None else None
+        q = head.quantiles(out, taus) if taus else None
+    return years, (q.double().cpu() if q is not None else None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,15 +266,21 @@ def resolve_device(name: str) -> torch.device:
 
 def _predict_files(model: torch.nn.Module, meta: CheckpointMeta, files: list[Path], dev: torch.device,
                    batch_size: int, num_workers: int, progress: bool) -> tuple[np.ndarray, dict[int, str]]:
-    """Predicted years of every file (NaN where it does not decode) and ``{index: decode error}``."""
+    """Predicted years of every file (NaN where it does not decode), the predicted quantiles (None
+    unless ``predict_years`` gives them) and ``{index: decode error}``."""
     predicted = np.full(len(files), np.nan)
+    quantiles = None
     errors: dict[int, str] = {}
     for idx, imgs, errs in decode_all(files, meta.image_size, num_workers, "Predicting", progress,
                                       batch_size=batch_size):
         if idx:
-            predicted[idx] = predict_years(model, meta, imgs.to(dev, non_blocking=True)).view(-1).numpy()
+            years, q = predict_years(model, meta, imgs.to(dev, non_blocking=True))
+            predicted[idx] = years.view(-1).numpy()
+            if q is not None:
+                quantiles = np.full((len(files), q.shape[1]), np.nan) if quantiles is None else quantiles
+                quantiles[idx] = q.numpy()
         errors.update(errs)
-    return predicted, errors
+    return predicted, quantiles, errors
 
 
 def _left_out(inputs: Inputs, errors: dict[int, str], on_bad_image: str) -> list[tuple[int, str, str]]:
@@ -301,7 +319,7 @@ def predict(checkpoint: str | Path, input_path: str | Path | None = None, batch_
     model, meta = build_from_checkpoint(ckpt)
     dev = resolve_device(device)
     model.to(dev)
-    predicted, errors = _predict_files(model, meta, inputs.files, dev, batch_size, num_workers, progress)
+    predicted, quantiles, errors = _predict_files(model, meta, inputs.files, dev, batch_size, num_workers, progress)
     left_out = _left_out(inputs, errors, on_bad_image)
     keep = [i for i in range(len(inputs.files)) if i not in errors]
     files = [inputs.files[i] for i in keep]
@@ -309,10 +327,27 @@ def predict(checkpoint: str | Path, input_path: str | Path | None = None, batch_
         print(f"warning: the rebuilt test split ({len(files)} images) is not the run's ({len(inputs.expected)} images "
               "in predictions_test.csv): the manifest or its images changed since training", file=sys.stderr)
     true = inputs.true[keep] if inputs.true is not None else None
+    bounds = _intervals(meta, predicted[keep], quantiles[keep] if quantiles is not None else None)
     metrics = year_errors(true, predicted[keep]) if true is not None else {}
+    if metrics and bounds:
+        metrics["coverage"] = {lv: (float(np.mean((true >= lo) & (true <= hi))), float(np.mean(hi - lo)))
+                               for lv, (lo, hi) in bounds.items()}
     return {"names": [inputs.names[i] for i in keep], "files": files, "predicted": predicted[keep], "true": true,
             "metrics": metrics, "skipped": [(name, why) for _, name, why in left_out],
-            "trainer_skips": inputs.trainer_skips}
+            "trainer_skips": inputs.trainer_skips, "intervals": bounds,
+            "note": None if meta.calibration is not None else NO_CALIBRATION}
+
+
+NO_CALIBRATION = ("note: this checkpoint has no calibration (written before date intervals existed, or with "
+                  "calibration.levels: []), so the output has no interval columns; train again to get them")
+
+
+def _intervals(meta: CheckpointMeta, predicted: np.ndarray, quantiles: np.ndarray | None) -> dict[str, tuple]:
+    """``{"80": (low, high), ...}`` from the checkpoint's calibration; empty without one."""
+    if meta.calibration is None:
+        return {}
+    cal = meta.calibration.model_dump()
+    return {level_label(lv): b for lv, b in intervals(cal, predicted, quantiles).items()}
 
 
 def write_csv(path: str | Path, result: dict) -> None:
@@ -320,15 +355,22 @@ def write_csv(path: str | Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "predicted_year", "calendar_year"] + (["true_year"] if result["true"] is not None else []))
+        bounds = result.get("intervals") or {}
+        w.writerow(["path", "predicted_year", "calendar_year"]
+                   + [f"{side}_{lv}" for lv in bounds for side in ("low", "high")]
+                   + (["true_year"] if result["true"] is not None else []))
         for i, (name, y) in enumerate(zip(result["names"], result["predicted"])):
             w.writerow([name, f"{y:.6f}", math.floor(y)]
+                       + [f"{b[side][i]:.2f}" for b in bounds.values() for side in (0, 1)]
                        + ([f"{result['true'][i]:.6f}"] if result["true"] is not None else []))
 
 
 def format_metrics(m: dict) -> str:
-    lines = [f"Evaluation on {m['n']} images: RMSE {m['rmse']:.3f} years  |  MAE {m['mae']:.3f} years", "",
-             f"{'decade':>8} {'images':>7} {'RMSE':>9} {'MAE':>9}"]
+    lines = [f"Evaluation on {m['n']} images: RMSE {m['rmse']:.3f} years  |  MAE {m['mae']:.3f} years  |  "
+             f"within 5 years {100 * m['acc_5y']:.1f}%  |  decade {100 * m['acc_decade']:.1f}%"]
+    for lv, (cov, width) in (m.get("coverage") or {}).items():
+        lines.append(f"  {lv}% date intervals: {100 * cov:.1f}% contain the true date, mean width {width:.1f} years")
+    lines += ["", f"{'decade':>8} {'images':>7} {'RMSE':>9} {'MAE':>9}"]
     for d, v in m["by_decade"].items():
         lines.append(f"{str(d) + 's':>8} {v['n']:>7} {v['rmse']:>9.3f} {v['mae']:>9.3f}")
     return "\n".join(lines)
@@ -384,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         which = f" (the run's {args.split} split)" if args.split != "all" else ""
         print(f"Wrote {len(result['names'])} predictions{which} to {args.output}")
+        if result["note"]:
+            print(result["note"], file=sys.stderr)
         if result["metrics"]:
             print(format_metrics(result["metrics"]))
         return 0

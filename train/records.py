@@ -104,10 +104,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 PREDICTION_COLUMNS = ["image", "true_year", "predicted_year", "abs_error_years"]
 
 
-def write_predictions(path: Path, names: list[str], true: np.ndarray, predicted: np.ndarray) -> None:
-    """``predictions_test.csv``: one row per test image (its file, or ``test #i`` for synthetic data)."""
+def write_predictions(path: Path, names: list[str], true: np.ndarray, predicted: np.ndarray,
+                      bounds: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    """``predictions_test.csv``: one row per test image (its file, or ``test #i`` for synthetic data);
+    ``bounds``: ``{"80": (low, high), ...}`` calibrated intervals, as ``low_80, high_80, ...`` columns."""
+    bounds = bounds or {}
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(PREDICTION_COLUMNS)
-        for name, t, p in zip(names, true, predicted):
-            w.writerow([name, f"{t:.4f}", f"{p:.4f}", f"{abs(p - t):.4f}"])
+        w.writerow(PREDICTION_COLUMNS + [f"{side}_{lv}" for lv in bounds for side in ("low", "high")])
+        for i, (name, t, p) in enumerate(zip(names, true, predicted)):
+            extra = [f"{b[side][i]:.2f}" for b in bounds.values() for side in (0, 1)]
+            w.writerow([name, f"{t:.4f}", f"{p:.4f}", f"{abs(p - t):.4f}", *extra])

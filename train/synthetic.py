@@ -205,3 +205,63 @@ def _blur(x: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     shift[np.arange(len(taps))[:, None], np.arange(s)[None, :], src] = 1.0
     k = np.einsum("bt,tij->bij", w, shift)[:, None]  # [B, 1, S_out, S_in]
     return k @ x @ k.transpose(0, 1, 3, 2)
+
+
+def apparent_years(n: int, seed: int, year_min: float, year_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(years, apparent)`` of samples ``0..n-1`` of ``make_synthetic`` without rendering any image:
+    the first two draws of each chunk's generator are the dates and the apparent-age jitter."""
+    years, apparent = np.empty(n), np.empty(n)
+    for c in range(math.ceil(n / _CHUNK)):
+        rng = np.random.default_rng([seed, c])
+        yr = year_min + (year_max - year_min) * rng.random(_CHUNK)
+        ap = yr + rng.normal(0.0, _APPARENT_AGE_SD, _CHUNK)
+        lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+        years[lo:hi], apparent[lo:hi] = yr[: hi - lo], ap[: hi - lo]
+    return years, apparent
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+
+
+def oracle_predictions(apparent: np.ndarray, year_min: float, year_max: float,
+                       grid: int = 4001) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and median of the true date given what the images show of the apparent age,
+    under the uniform prior on ``[year_min, year_max]``.
+
+    The images show the apparent age only through cues clipped to the eras (``age`` is clipped to
+    [0, 1]): an apparent date after 2020 looks like 2020, one before 1850 like 1850. So the posterior
+    given an apparent date inside the eras is the Gaussian likelihood times the prior; at a clipped
+    end it is the probability of the apparent date lying beyond it."""
+    t = np.linspace(year_min, year_max, grid) if year_max > year_min else np.array([year_min])
+    a = np.clip(apparent, _ERA_FIRST, _ERA_LAST)[:, None]
+    sd = _APPARENT_AGE_SD
+    like = np.exp(-0.5 * ((a - t[None]) / sd) ** 2)
+    like = np.where(a >= _ERA_LAST, _normal_cdf((t[None] - _ERA_LAST) / sd), like)
+    like = np.where(a <= _ERA_FIRST, _normal_cdf((_ERA_FIRST - t[None]) / sd), like)
+    post = like / np.maximum(like.sum(1, keepdims=True), 1e-300)
+    mean = post @ t
+    median = t[np.minimum((post.cumsum(1) < 0.5).sum(1), len(t) - 1)]
+    return mean, median
+
+
+def floor_errors(n_train: int, n_val: int, n_test: int, seed: int, year_min: float,
+                 year_max: float) -> dict[str, float]:
+    """RMSE of the posterior mean and MAE of the posterior median on the test split: what the best
+    possible predictor, one that reads every test image's apparent age exactly, would score. No image
+    model can beat it (each cue adds its own jitter on top, so the reachable error is higher)."""
+    years, apparent = apparent_years(n_train + n_val + n_test, seed, year_min, year_max)
+    years, apparent = years[n_train + n_val:], apparent[n_train + n_val:]
+    mean, median = oracle_predictions(apparent, year_min, year_max)
+    return {"floor/rmse": float(np.sqrt(np.mean((mean - years) ** 2))),
+            "floor/mae": float(np.mean(np.abs(median - years)))}
+
+
+def synthetic_floor(cfg, test_years: np.ndarray) -> dict[str, float]:
+    """``floor_errors`` for a run's synthetic test split (checked against the split's own dates)."""
+    s = cfg.data.synthetic
+    floor = floor_errors(s.num_train, s.num_val, s.num_test, cfg.experiment.seed, s.year_min, s.year_max)
+    years, _ = apparent_years(s.num_train + s.num_val + s.num_test, cfg.experiment.seed, s.year_min, s.year_max)
+    if not np.allclose(years[s.num_train + s.num_val:], test_years):
+        return {}  # not the generator's split (should not happen): no floor rather than a wrong one
+    return floor
