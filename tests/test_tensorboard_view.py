@@ -19,13 +19,15 @@ CHARTS = {
     "Loss: train vs val": ["train/loss", "val/loss"],
     "RMSE (years): train vs val": ["train/rmse", "val/rmse"],
     "MAE (years)": ["val/mae", "test/mae"],
+    "Within 5 years / right decade (share)": ["val/acc_5y", "val/acc_decade"],
     "Learning rate": ["lr"],  # both parameter groups share the lr in this config
     "Throughput (samples/s)": ["samples_per_s"],
     "Epoch time (s)": ["epoch_time_s"],
 }
 # The unit each scalar of the tiny run must state, by the first pattern its tag matches.
 UNITS = {
-    r"(rmse|mae)$": "in years",
+    r"(rmse|mae)$|/mae_by_decade/|/width_\d+$": "in years",
+    r"acc_5y$|acc_decade$|/coverage_\d+$": "a fraction (0-1)",
     r"loss": "standardized units",
     r"^lr$": "without a unit",
     r"^epoch_time_s$": "in seconds",
@@ -33,7 +35,7 @@ UNITS = {
     r"^epoch$|^early_stopping/": "epochs",
 }
 CURATED = {
-    "model.name", "model.channels", "model.hidden", "model.norm", "model.dropout", "training.optimizer.name",
+    "model.name", "model.head", "model.channels", "model.hidden", "model.norm", "model.dropout", "training.optimizer.name",
     "training.optimizer.lr", "training.optimizer.weight_decay", "data.batch_size", "training.scheduler.name",
     "training.epochs", "training.loss", "data.augment.hflip", "data.augment.crop_scale_min",
     "data.augment.brightness", "experiment.seed", "training.mixed_precision",

@@ -105,9 +105,13 @@ HPARAM_KEYS = (
 # Declared for the HPARAMS tab, which shows them next to the hyperparameters.
 HPARAM_METRICS = ("val/rmse", "val/loss", "test/rmse", "test/mae")
 
-_LOSS_NAMES = {"mse": "mean squared error", "huber": "Huber loss", "l1": "mean absolute error"}
+_LOSS_NAMES = {"mse": "mean squared error", "huber": "Huber loss", "l1": "mean absolute error",
+               "distribution": "cross-entropy against Gaussian soft labels over the year bins"}
 _SPLITS = {"train": "the training batches of the epoch (train mode: dropout and augmentation on)",
-           "val": "the validation split", "test": "the test split, with the best weights"}
+           "val": "the validation split", "test": "the test split, with the best weights",
+           "test_gray": "grayscale copies of the test images, with the best weights"}
+_FIELD_METRICS = {"acc_5y": "share of images dated within 5 years of the true date on {s}, a fraction (0-1)",
+                  "acc_decade": "share of images whose predicted decade is the true decade on {s}, a fraction (0-1)"}
 _GB = "in GiB (2^30 bytes)"
 # Tags with a fixed name -> what the value is, with its unit ({loss}: the configured loss's name).
 SCALAR_DESCRIPTIONS = {
@@ -146,11 +150,21 @@ def scalar_description(tag: str, loss: str = "mse") -> str | None:
                 "loss": "loss on {s}: the {loss} of the predicted date in standardized units "
                         "((year - train mean) / train std), without a unit"}[metric]
         return f"{tag}: " + what.format(s=_SPLITS[split], loss=loss_name)
+    if split in _SPLITS and metric in _FIELD_METRICS:
+        return f"{tag}: " + _FIELD_METRICS[metric].format(s=_SPLITS[split])
+    if split == "test" and re.fullmatch(r"(coverage|width)_\d+", metric):
+        kind, level = metric.split("_")
+        return f"{tag}: " + (f"share of test images whose true date lies in its calibrated {level}% date interval, "
+                             "a fraction (0-1)" if kind == "coverage" else
+                             f"mean width of the calibrated {level}% date intervals on the test split, in years")
+    if split == "test" and metric.startswith("mae_by_decade/"):
+        decade = metric.rsplit("/", 1)[1]
+        return f"{tag}: MAE of the predicted date on {_SPLITS[split]}, images dated in the {decade} only, in years"
     if split in ("val", "test") and metric.startswith("rmse_by_decade/"):
         decade = metric.rsplit("/", 1)[1]
         return f"{tag}: RMSE of the predicted date on {_SPLITS[split]}, images dated in the {decade} only, in years"
-    if split == "best" and metric in ("rmse", "mae", "loss"):
-        unit = "in years" if metric != "loss" else "standardized, without a unit"
+    if split == "best" and metric in ("rmse", "mae", "loss", "acc_5y"):
+        unit = {"loss": "standardized, without a unit", "acc_5y": "a fraction (0-1)"}.get(metric, "in years")
         return f"{tag}: best validation {metric} so far (the early-stopping monitor; best.safetensors holds it), {unit}"
     if split == "lr" and metric:
         return f"{tag}: learning rate of the parameter group '{metric}' at the optimizer step, without a unit"
@@ -172,6 +186,7 @@ def scalar_layout(lr_chart: list[str]) -> dict:
             "Loss: train vs val": _lines("train/loss", "val/loss"),
             "RMSE (years): train vs val": _lines("train/rmse", "val/rmse"),
             "MAE (years)": _lines("val/mae", "test/mae"),
+            "Within 5 years / right decade (share)": _lines("val/acc_5y", "val/acc_decade"),
             "Learning rate": _lines(*lr_chart),
             # Two charts: on one axis, 0.1 s epochs lie flat under thousands of samples/s.
             "Throughput (samples/s)": _lines("samples_per_s"),
@@ -202,7 +217,8 @@ class BoardView:
 
     @classmethod
     def of(cls, cfg: Config, run_dir: Path, mixed_precision: str | None = None) -> "BoardView":
-        return cls(lr_tags(cfg), cfg.training.loss, mixed_precision, run_dir / "config.yaml", to_yaml(cfg))
+        loss = cfg.training.loss if cfg.model.head == "regression" else "distribution"
+        return cls(lr_tags(cfg), loss, mixed_precision, run_dir / "config.yaml", to_yaml(cfg))
 
     def config_markdown(self) -> str:
         """The config as a markdown code block (the TEXT tab renders markdown)."""
