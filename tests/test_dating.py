@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import DEFAULT_CONFIG, ROOT, accelerate_launch, env, free_port, run_main, tiny
+from tests.conftest import (
+    DEFAULT_CONFIG, ROOT, accelerate_launch, env, free_port, run_main, tiny, wandb_records, wandb_summary,
+)
 from train.calibration import calibrate, conformal_quantile, coverage_report, intervals, quantile_levels
 from train.checkpoints import CheckpointMeta, checkpoint_metadata, read_checkpoint
 from train.config import ModelConfig
@@ -164,7 +166,8 @@ DIST = {"model.head": "distribution", "model.bin_years": 2.0, "data.synthetic.nu
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **{**DIST, "experiment.name": "d"})])
+    r = run_main(["--config", DEFAULT_CONFIG, *tiny(out, **{**DIST, "experiment.name": "d",
+                                                               "logging.wandb.enabled": "true"})])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "within 5 years:" in r.stdout and "Date intervals (calibrated on 37 val images)" in r.stdout
     return out / "d"
@@ -185,6 +188,17 @@ def test_a_distribution_run_reports_everywhere(dist_run):
         rows = list(csv.DictReader(f))
     assert {"low_80", "high_80", "low_90", "high_90"} <= rows[0].keys()
     assert all(float(r["low_90"]) <= float(r["predicted_year"]) <= float(r["high_90"]) for r in rows)
+
+
+def test_the_best_artifact_and_the_wandb_summary_carry_the_calibration(dist_run):
+    records = wandb_records(dist_run)
+    artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
+    last = artifacts[-1]
+    assert sorted(last["aliases"]) == ["best", "latest"]
+    assert json.loads(json.loads(last["metadata"])["calibration"])["levels"] == [0.8, 0.9]
+    assert all("calibration" not in json.loads(a["metadata"]) for a in artifacts[:-1])  # saved during training
+    summary = wandb_summary(next((dist_run / "wandb").glob("offline-run-*")))
+    assert {"test/acc_5y", "test/coverage_90", "test_gray/mae", "floor/rmse"} <= summary["summary"].keys()
 
 
 def _write_images(folder: Path, n: int, seed: int) -> tuple[Path, np.ndarray]:

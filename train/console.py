@@ -105,7 +105,7 @@ def print_results(r: dict) -> None:
                      f"MAE {r['floor/mae']:.3f} years (CNN/floor RMSE = {r['test/rmse'] / r['floor/rmse']:.2f})")
     decades = r.get("test/by_decade") or {}
     if decades:
-        lines.append("  MAE by decade: " + ", ".join(f"{d}s {v['mae']:.1f}" for d, v in decades.items()))
+        lines.append("  MAE by decade: " + ", ".join(f"{d} {v['mae']:.1f}" for d, v in decades.items()))
     lines.append(f"  Results: {Path(r['run_dir']) / 'results.json'}")
     print("\n".join(lines))
 

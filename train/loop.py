@@ -454,7 +454,8 @@ def test_and_report(run: Run) -> dict:
         "epoch_cpu_times_s": run.epoch_cpu_seconds,
         "run_dir": str(run.run_dir),
         "calibration": calibration,
-        "test/by_decade": by_decade(*years_of(run.head, test)),
+        # String keys ("1930s"): JSON and the W&B summary take no integer keys.
+        "test/by_decade": {f"{d}s": v for d, v in by_decade(*years_of(run.head, test)).items()},
     }
     if acc.is_main_process:
         write_results(run.run_dir / "results.json", results)
