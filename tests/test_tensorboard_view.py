@@ -35,9 +35,9 @@ UNITS = {
     r"^epoch$|^early_stopping/": "epochs",
 }
 CURATED = {
-    "model.name", "model.head", "model.channels", "model.hidden", "model.norm", "model.dropout", "training.optimizer.name",
-    "training.optimizer.lr", "training.optimizer.weight_decay", "data.batch_size", "training.scheduler.name",
-    "training.epochs", "training.loss", "data.augment.hflip", "data.augment.crop_scale_min",
+    "model.name", "model.head", "model.channels", "model.hidden", "model.norm", "model.dropout",
+    "training.optimizer.name", "training.optimizer.lr", "training.optimizer.weight_decay", "data.batch_size",
+    "training.scheduler.name", "training.epochs", "training.loss", "data.augment.hflip", "data.augment.crop_scale_min",
     "data.augment.brightness", "experiment.seed", "training.mixed_precision",
 }
 
