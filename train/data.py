@@ -13,9 +13,12 @@ Two kinds of data:
   resized images to a memory-mapped uint8 array on disk, and later epochs and runs decode nothing.
 
 The training order is a function of (seed, epoch) only (``EpochSampler``), and so is augmentation:
-the sampler yields ``(epoch, index)`` keys and the dataset seeds each image's augmentation with
-``(seed, epoch, index)``. Neither touches a global random stream, so a resumed run sees the same
-batches and the same augmented images as an uninterrupted one, whatever the number of workers.
+the sampler yields ``(epoch, index)`` keys and each image's augmentation is drawn from
+``(seed, epoch, index)`` (``train.augment``). Neither touches a global random stream, so a resumed run
+sees the same batches and the same augmented images as an uninterrupted one, whatever the number of
+workers or processes. With augmentation on, the train loader yields uint8 images with their
+augmentation parameters, and ``Data.train_batch`` augments and normalizes the whole batch on the
+training device; workers only decode.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from train.augment import active, augment_batch, augment_params, identity_params
 from train.config import YEAR_RANGE, AugmentConfig, Config, DataConfig
 from train.console import progress_bar
 from train.errors import UserError
@@ -53,7 +56,9 @@ class DatedImages(Dataset):
     """uint8 images in memory (``[N, 3, H, W]``) with their dates in years.
 
     Indexing with an int gives the plain image; indexing with ``(epoch, i)`` (what ``EpochSampler``
-    yields) also applies ``augment`` when it is set, seeded by ``(seed, epoch, i)``.
+    yields) also applies ``augment`` when it is set, drawn from ``(seed, epoch, i)``. Either way the
+    image comes back normalized, with its standardized target. (The train loader reads the train split
+    through ``RawTrainBatches`` instead, and augments on the training device.)
     """
 
     def __init__(self, images: torch.Tensor, years: np.ndarray):
@@ -78,27 +83,55 @@ class DatedImages(Dataset):
         return self.images[idx]
 
     def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (None, key)
-        x = self.raw(i)
-        if self.augment is not None and epoch is not None:
-            x = augment_image(x, self.augment, self.seed, epoch, i)
-        x = (x.float() / 255.0 - self.mean) / self.std
-        y = (self.years[i] - self.target_mean) / self.target_std
-        return x, y.float()
+        return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list) -> list:
         """A whole batch at once (the DataLoader calls this when it exists): one read and one
-        vectorized normalization instead of per-image work, same values as ``__getitem__``."""
+        vectorized normalization (and augmentation) instead of per-image work."""
+        raw, y, params = self.raw_batch(keys)
+        x = raw.float() if params is None else augment_batch(raw, params, self.augment)
+        return list(zip((x / 255.0 - self.mean) / self.std, y))
+
+    def raw_batch(self, keys: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(uint8 images [B, 3, H, W], standardized targets [B], augmentation parameters [B, 6] or None)``
+        for int or ``(epoch, index)`` keys; parameters only with ``augment`` set (identity rows for int keys)."""
         pairs = [k if isinstance(k, tuple) else (None, k) for k in keys]
         idx = [i for _, i in pairs]
         raw = self.raw_many(idx)
-        x = raw.float()
-        if self.augment is not None:
-            x = torch.stack([augment_image(raw[j], self.augment, self.seed, e, i) if e is not None else x[j]
-                             for j, (e, i) in enumerate(pairs)])
-        x = (x / 255.0 - self.mean) / self.std
         y = ((self.years[idx] - self.target_mean) / self.target_std).float()
-        return list(zip(x, y))
+        if self.augment is None:
+            return raw, y, None
+        params = identity_params(len(idx), tuple(raw.shape[-2:]))
+        at = [j for j, (e, _) in enumerate(pairs) if e is not None]
+        if at:
+            params[at] = augment_params(self.augment, self.seed, [pairs[j][0] for j in at], [idx[j] for j in at],
+                                        tuple(raw.shape[-2:]))
+        return raw, y, params
+
+
+class RawTrainBatches(Dataset):
+    """The train split as the train loader reads it with augmentation on: each batch (pre-collated,
+    see ``_collated``) is ``(uint8 images [B, 3, H, W], standardized targets [B], augmentation
+    parameters [B, 6])``. ``Data.train_batch`` turns it into normalized augmented images on the device
+    the loader moved it to, so the loader (and its workers) do no pixel work beyond decoding."""
+
+    def __init__(self, images: DatedImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        raw, y, params = self.images.raw_batch([key])
+        return raw[0], y[0], params[0]
+
+    def __getitems__(self, keys: list):
+        return self.images.raw_batch(keys)
+
+
+def _collated(batch):
+    """collate_fn of ``RawTrainBatches``: its ``__getitems__`` already returns the stacked batch."""
+    return batch
 
 
 class ManifestImages(DatedImages):
@@ -179,37 +212,6 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def augment_image(img: torch.Tensor, aug: AugmentConfig, seed: int, epoch: int, index: int) -> torch.Tensor:
-    """Date-preserving augmentation of a uint8 ``[3, H, W]`` image -> float ``[3, H, W]`` in [0, 255].
-
-    Random resized crop (area share in ``[crop_scale_min, 1]``, aspect 3/4..4/3), horizontal flip,
-    brightness factor in ``[1 - b, 1 + b]``. No colour, blur or noise changes: those are date cues.
-    The random numbers come from a generator keyed by ``(seed, epoch, index)`` and are always drawn
-    in the same order, so an image's augmentation depends on nothing else.
-    """
-    rng = np.random.default_rng([seed, epoch, index])
-    area, log_ratio, top_u, left_u, flip_u, bright_u = rng.random(6)
-    x = img.float()
-    _, h, w = x.shape
-    if aug.crop_scale_min < 1.0:
-        share = aug.crop_scale_min + (1.0 - aug.crop_scale_min) * area
-        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * log_ratio)
-        cw = max(1, min(w, round(math.sqrt(share * ratio) * w)))
-        ch = max(1, min(h, round(math.sqrt(share / ratio) * h)))
-        top, left = int(top_u * (h - ch + 1)), int(left_u * (w - cw + 1))
-        crop = x[None, :, top : top + ch, left : left + cw]
-        x = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
-    if aug.hflip and flip_u < 0.5:
-        x = x.flip(-1)
-    if aug.brightness > 0:
-        x = (x * (1.0 - aug.brightness + 2.0 * aug.brightness * bright_u)).clamp_(0.0, 255.0)
-    return x
-
-
-def _augments(aug: AugmentConfig) -> bool:
-    return aug.hflip or aug.crop_scale_min < 1.0 or aug.brightness > 0
-
-
 @dataclass
 class Data:
     train: DatedImages
@@ -223,9 +225,33 @@ class Data:
     bad_rows: list[str] = field(default_factory=list)  # their reasons, "row N: ..."
     cache_note: str = ""  # with data.cache: "image cache built: <file>" or "... reused: <file>"
 
+    _scratch: dict = field(default_factory=dict, repr=False)  # train_batch's reused CPU buffers
+    _normalization: dict = field(default_factory=dict, repr=False)  # device -> pixel mean/std there
+
     def train_batch(self, batch, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)`` to train on from what the (prepared) train loader yielded in ``epoch``."""
-        return batch[0], batch[1]
+        """``(x, y)`` to train on from what the (prepared) train loader yielded in ``epoch``.
+
+        Without augmentation the loader already made ``x``. With it, ``batch`` is ``RawTrainBatches``'
+        ``(uint8 images, y, parameters)``, already on the training device: the whole batch is augmented and
+        normalized there. (``epoch`` is not needed: the parameters were drawn from each key's own epoch.)
+        """
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        images, y, params = batch
+        on_cpu = images.device.type == "cpu"
+        x = augment_batch(images, params, self.train.augment, self._scratch if on_cpu else None)
+        mean, std = self._normalization_on(x.device)
+        # In place, the same arithmetic as the dataset's own normalization.
+        return x.div_(255.0).sub_(mean).div_(std), y
+
+    def _normalization_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The train split's pixel mean and std on ``device``, copied there once: a copy per batch from
+        pageable host memory would make every step wait for the GPU."""
+        mean, std = self.train.mean, self.train.std
+        cached = self._normalization.get(device)
+        if cached is None or cached[0] is not mean or cached[1] is not std:  # replaced (a backbone's statistics)
+            cached = self._normalization[device] = (mean, std, mean.to(device), std.to(device))
+        return cached[2], cached[3]
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -773,7 +799,7 @@ def build_data(cfg: Config, is_local_main: bool = True, is_main: bool = True) ->
         ds.mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
         ds.std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
         ds.target_mean, ds.target_std = target_mean, target_std
-    if _augments(d.augment):
+    if active(d.augment):
         train.augment, train.seed = d.augment, seed  # train only: val/test measure the plain images
     return Data(train, val, test, target_mean, target_std, pixel_mean.tolist(), pixel_std.tolist(), skipped, bad,
                 cache_note)
@@ -783,23 +809,27 @@ def make_loaders(cfg: Config, data: Data) -> tuple[DataLoader, DataLoader, DataL
     """Loaders for the three splits; the train loader's order comes from an ``EpochSampler``.
 
     Decoding runs in ``data.num_workers`` worker processes, kept alive across epochs; batches are
-    pinned when a CUDA device is there to receive them.
+    pinned when a CUDA device is there to receive them. With augmentation on, the train loader yields
+    ``RawTrainBatches`` batches: pass each through ``Data.train_batch``, which augments on their device.
     """
     d = cfg.data
     sampler = EpochSampler(len(data.train), cfg.experiment.seed)
 
     def common(ds: DatedImages) -> dict:
-        # Workers pay off only where there is per-image work (decoding, augmentation). A cached or
-        # in-memory split without augmentation is one array read and one vectorized normalization
-        # per batch (__getitems__); shipping that batch back from a worker costs more than making it.
-        n = d.num_workers if (isinstance(ds, ManifestImages) or ds.augment is not None) else 0
+        # Workers pay off only where there is per-image work: decoding. A cached or in-memory split is
+        # one array read per batch (__getitems__), plus one vectorized normalization or, for the
+        # augmented train split, nothing (train_batch does the rest on the training device); shipping
+        # that batch back from a worker costs more than making it.
+        n = d.num_workers if isinstance(ds, ManifestImages) else 0
         return dict(num_workers=n, persistent_workers=n > 0, pin_memory=torch.cuda.is_available())
 
     # Its own generator: otherwise creating the iterator draws from the global RNG that dropout
     # uses, and a mid-epoch resume (which creates it at another point) would shift that stream.
     generator = torch.Generator().manual_seed(cfg.experiment.seed)
-    train = DataLoader(data.train, batch_size=d.batch_size, sampler=sampler, drop_last=False, generator=generator,
-                       **common(data.train))
+    augmented = data.train.augment is not None
+    train = DataLoader(RawTrainBatches(data.train) if augmented else data.train, batch_size=d.batch_size,
+                       sampler=sampler, drop_last=False, generator=generator,
+                       collate_fn=_collated if augmented else None, **common(data.train))
     val = DataLoader(data.val, batch_size=d.eval_batch_size, shuffle=False, **common(data.val))
     test = DataLoader(data.test, batch_size=d.eval_batch_size, shuffle=False, **common(data.test))
     return train, val, test
