@@ -1,15 +1,18 @@
 """Models that map an RGB image to the date: one standardized number, or logits over year bins.
 
-Two families, chosen by ``model.name``:
+Three families, chosen by ``model.name``:
 
 - ``mok_cnn``: the original design's "MoK_CNN": conv-BN-ReLU blocks (each block halves the
   resolution), global average pooling and a small regression head.
 - ``resnet``: a small ResNet (basic blocks, one stage per entry of ``channels``).
+- ``hf``: a transformers vision backbone with the same kind of head (``train.hf_backbone``; transformers
+  is imported only then).
 
-Both are built from a ``ModelConfig`` and the head's output width alone (``build_model``), so a
-checkpoint that stores both in its metadata can rebuild the exact architecture without the YAML it
-came from. Every parameter whose name starts with ``head.`` is the head; everything else is the
-backbone (``is_head_parameter``: what freezing and the per-group learning rates split on).
+Each is built from a ``ModelConfig`` and the head's output width alone (``build_model``; for ``hf`` also
+the backbone config a checkpoint stores), so a checkpoint that stores them in its metadata can rebuild
+the exact architecture without the YAML it came from. Every parameter whose name starts with ``head.``
+is the head; everything else is the backbone (``is_head_parameter``: what freezing and the per-group
+learning rates split on).
 """
 
 from __future__ import annotations
@@ -129,6 +132,10 @@ def build_model(cfg: "ModelConfig", out_dim: int = 1, hf_config: dict | None = N
     ``out_dim``: 1 for the regression head (outputs shape ``[batch]``), the number of year bins for
     the distribution head (outputs ``[batch, out_dim]`` logits). ``hf_config``: model.name=hf only,
     the backbone's saved transformers config (a checkpoint's), so no download is needed."""
+    if cfg.name == "hf":
+        from train.hf_backbone import build_hf_model
+
+        return build_hf_model(cfg, out_dim=out_dim, saved=hf_config)
     return MODELS[cfg.name](channels=list(cfg.channels), hidden=cfg.hidden, dropout=cfg.dropout, norm=cfg.norm,
                             out_dim=out_dim)
 
