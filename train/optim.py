@@ -8,30 +8,48 @@ import torch
 from torch import nn
 
 from train.config import Config
+from train.models import is_head_parameter
+
+
+# The parameter groups, head first: the console's and the trackers' plain ``lr`` is the first group's,
+# so it stays training.optimizer.lr (times the schedule) when the backbone gets a smaller one.
+GROUPS = ("head/decay", "head/no_decay", "backbone/decay", "backbone/no_decay")
+
+
+def group_of(name: str, p: torch.Tensor) -> str:
+    """The group of a parameter (a ``named_parameters`` name of the unwrapped model): head or backbone
+    (``train.models.is_head_parameter``), then weight decay on conv/linear weights, none on biases and
+    norm parameters (decaying those only pulls them to zero; nanoGPT and HF Trainer split the same way)."""
+    part = "head" if is_head_parameter(name) else "backbone"
+    return f"{part}/{'decay' if p.ndim >= 2 else 'no_decay'}"
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Two named parameter groups: weight decay on conv/linear weights, none on biases and norm
-    parameters (decaying those only pulls them to zero; nanoGPT and HF Trainer split the same way)."""
+    """Up to four named parameter groups (``GROUPS``; empty ones left out), each with its lr
+    (``group_lrs``) and weight decay. Parameters that are never trained (``requires_grad=False`` when
+    the model is built) are left out."""
     o = cfg.training.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
     lrs = group_lrs(cfg)
+    members: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
+    for name, p in getattr(model, "_orig_mod", model).named_parameters():
+        if p.requires_grad:
+            members[group_of(name, p)].append(p)
     groups = [
-        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay,
-         "lr": lrs["decay"]},
-        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lrs["no_decay"]},
+        {"name": name, "params": params, "weight_decay": o.weight_decay if name.endswith("/decay") else 0.0,
+         "lr": lrs[name]}
+        for name, params in members.items() if params
     ]
-    groups = [g for g in groups if g["params"]]
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
 def group_lrs(cfg: Config) -> dict[str, float]:
-    """The peak lr of each named parameter group. Today every group gets ``training.optimizer.lr``; a
-    per-group lr (e.g. a smaller one for a pretrained backbone) goes here, and the lr tags follow."""
-    lr = cfg.training.optimizer.lr
-    return {"decay": lr, "no_decay": lr}
+    """The peak lr of each named parameter group: ``training.optimizer.lr`` for the head, that times
+    ``backbone_lr_ratio`` for the backbone (e.g. 0.1 for a pretrained one). Every schedule scales each
+    group's lr by the same factor, so the ratio holds throughout."""
+    o = cfg.training.optimizer
+    return {name: o.lr if name.startswith("head/") else o.lr * o.backbone_lr_ratio for name in GROUPS}
 
 
 def lr_tags(cfg: Config) -> list[str]:
@@ -82,8 +100,8 @@ def build_loss(cfg: Config, reduction: str = "mean") -> nn.Module:
 
 
 def lr_values(optimizer: torch.optim.Optimizer, lrs: list[float]) -> dict[str, float]:
-    """``lr`` (the first group's, shown on the console), and ``lr/<group name>`` for every group only
-    when the groups' lrs differ: equal ones would log the same curve three times.
+    """``lr`` (the first group's, shown on the console: the head's), and ``lr/<group name>`` for every
+    group only when the groups' lrs differ: equal ones would log the same curve four times.
 
     "Differ" is decided on the groups' lrs before any schedule (``initial_lr``, set by the schedulers)
     as well as on ``lrs``, so a tag never drops out for the steps where a schedule happens to bring
