@@ -4,12 +4,14 @@
 the target statistics (to turn outputs into years), the pixel normalization, and where it came from
 (epoch, optimizer step, monitored metric and value). ``CheckpointMeta`` is the one schema of that
 metadata: every reader (predict, the test at the end of a run) goes through ``read_checkpoint``.
-Writes are atomic (``train.fsutil``), so a crash mid-write leaves the previous best file intact.
+Writes are atomic (``train.fsutil``), so a crash mid-write leaves the previous best file intact, and
+they happen on a background thread (``BestCheckpoint``): training waits only for a copy of the weights.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -24,7 +26,7 @@ from torch import nn
 
 from train.config import ModelConfig
 from train.errors import UserError
-from train.fsutil import atomic_file, fsync_dir
+from train.fsutil import atomic_file
 from train.models import build_model
 
 FORMAT = "mok-date-checkpoint/1"
@@ -221,22 +223,41 @@ def build_from_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
 class BestCheckpoint:
     """``<run_dir>/checkpoints/best.safetensors`` of one run: saved, waited for, loaded back.
 
-    A save writes a temporary file, fsyncs it and renames it over the old one: a reader or a crash
-    sees the old file or the whole new one. The directory fsync that makes the rename itself survive
-    a power loss (a second journal commit, 15-20% of the write here) runs on one background thread
-    while training goes on; the next save and ``close`` wait for it. benchmarks/overhead.py measures both.
+    A save copies the weights to host memory, and that copy is all training waits for: one background
+    thread writes it to a temporary file, fsyncs it, renames it over the old one and fsyncs the
+    directory (``train.fsutil.atomic_file``), so a reader or a crash (kill -9 included) sees the old
+    file or the whole new one. The next save, ``update_metadata``, ``load_into``, ``close`` and every
+    read of ``path`` wait for the write in flight; a write that failed raises its ``UserError`` there.
+    Host memory holds one extra copy of the weights from the first save to ``close``: the next save
+    waits for the write in flight and then copies into the same buffers, so it pays for no fresh pages
+    (on this VM, faulting in 100 MB took longer than copying it). From a GPU they are pinned.
+    benchmarks/overhead.py measures what training waits for against a plain ``save_file``.
     """
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "checkpoints" / "best.safetensors"
-        self._syncer: ThreadPoolExecutor | None = None
+        self._path = Path(run_dir) / "checkpoints" / "best.safetensors"
+        self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._host: dict[str, torch.Tensor] = {}  # the copy being written, or the last one written
+
+    @property
+    def path(self) -> Path:
+        """The file, once the last save is on it (waits for a write in flight): whoever opens it, W&B's
+        model artifact for one, gets the best weights saved so far, never the previous ones."""
+        self.wait()
+        return self._path
 
     def __enter__(self) -> "BestCheckpoint":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the run is already failing: report a failed write too, but do not replace the run's own error
+            self.close()
+        except UserError as e:
+            print(f"warning: {e}", file=sys.stderr)
 
     def save(self, accelerator: Accelerator, model: nn.Module, metadata: dict[str, str]) -> None:
         """Every process takes part (``get_state_dict`` gathers under FSDP/DeepSpeed); main writes."""
@@ -246,34 +267,46 @@ class BestCheckpoint:
         accelerator.wait_for_everyone()
 
     def write(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        """Atomically write ``state_dict`` (already unwrapped/gathered) with ``metadata``."""
-        # state_dict() tensors are already detached; copy only what is not a contiguous CPU tensor.
-        tensors = {k: v if v.device.type == "cpu" and v.is_contiguous() else v.detach().to("cpu").contiguous()
-                   for k, v in state_dict.items()}
-        self.wait()  # renames reach the disk in the order they were made
+        """Copy ``state_dict`` (already unwrapped/gathered) to host memory and write it with ``metadata``
+        in the background; returns once the copy is made. Raises the previous write's ``UserError``."""
+        self.wait()  # one write at a time: renames reach the disk in order, and the buffers are free again
+        self._host = _host_copy(state_dict, self._host)
+        if self._writer is None:
+            # One long-lived thread: starting a thread per save would cost ~0.1 ms itself.
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="best-checkpoint-writer")
+        self._pending = self._writer.submit(self._write_file, self._host, dict(metadata))
+
+    def _write_file(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         try:
-            with atomic_file(self.path, sync_dir=False) as tmp:
+            with atomic_file(self._path) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)  # written by safetensors itself, no bytes copy
         except (OSError, SafetensorError) as e:
-            raise UserError(f"could not write {self.path} ({getattr(e, 'strerror', None) or e}); the previous "
+            raise UserError(f"could not write {self._path} ({getattr(e, 'strerror', None) or e}); the previous "
                             "best checkpoint is intact. Free disk space or check permissions, then resume "
                             "with --resume auto") from None
-        if self._syncer is None:
-            # One long-lived thread: starting a thread per save would cost ~0.1 ms itself.
-            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-dir-fsync")
-        self._pending = self._syncer.submit(fsync_dir, self.path.parent)
 
     def wait(self) -> None:
-        """Until the last save's rename is on disk."""
+        """Until the last save is on disk, renamed and durable; raises its ``UserError`` if it failed."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def close(self) -> None:
+    def update_metadata(self, extra: dict[str, str]) -> None:
+        """Rewrite ``best.safetensors`` (atomically, after any write in flight) with the same tensors and
+        its metadata updated with ``extra`` (e.g. the calibration fitted at the end of a run). Main
+        process only; a missing or unreadable file is a ``UserError``."""
         self.wait()
-        if self._syncer is not None:
-            self._syncer.shutdown()
-            self._syncer = None
+        tensors, metadata = read_safetensors(self._path)
+        self._write_file(tensors, {**metadata, **extra})
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._host = {}
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
 
     def load_into(self, accelerator: Accelerator, model: nn.Module) -> None:
         """Load the best weights into the model on every process (read on main, then broadcast)."""
@@ -283,10 +316,24 @@ class BestCheckpoint:
             # here yet; see docs/DISTRIBUTED.md).
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            full = read_checkpoint(self.path)[0] if accelerator.is_main_process else {}
+            full = read_checkpoint(self._path)[0] if accelerator.is_main_process else {}
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
             set_model_state_dict(model, full, options=options)
             return
-        payload = [read_checkpoint(self.path)[0] if accelerator.is_main_process else None]
+        payload = [read_checkpoint(self._path)[0] if accelerator.is_main_process else None]
         state_dict = broadcast_object_list(payload)[0] if accelerator.num_processes > 1 else payload[0]
         accelerator.unwrap_model(model).load_state_dict(state_dict)
+
+
+def _host_copy(state_dict: dict[str, torch.Tensor], reuse: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of every tensor, into ``reuse``'s buffers where name, shape and dtype match.
+
+    Always a copy: on the CPU ``state_dict()`` tensors are the live parameters, which the next
+    optimizer step changes while the background write is still reading them."""
+    out = {}
+    for k, v in state_dict.items():
+        buf = reuse.get(k)
+        if buf is None or buf.shape != v.shape or buf.dtype != v.dtype:
+            buf = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=v.is_cuda)
+        out[k] = buf.copy_(v.detach())
+    return out
