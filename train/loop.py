@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from train.checkpoints import BestCheckpoint, checkpoint_metadata, load_weights_strict
+from train.checkpoints import BestCheckpoint, checkpoint_metadata, load_weights_strict, read_safetensors
 from train.config import Config, parse_duration
 from train.console import early_stop_reason, epoch_block, print_results, progress_bar, startup_summary
 from train.data import Data, baselines, build_data, make_loaders
@@ -490,29 +490,11 @@ def calibrate_intervals(run: Run) -> dict | None:
         return None
     acc = run.accelerator
     if acc.is_main_process:
-        meta = rewrite_metadata(run.best.path, {"calibration": json.dumps(calibration)})
+        run.best.update_metadata({"calibration": json.dumps(calibration)})
         if run.cfg.logging.wandb.log_model:
-            log_model_artifact(acc, run.best.path, meta)
+            log_model_artifact(acc, run.best.path, read_safetensors(run.best.path)[1])
     acc.wait_for_everyone()
     return calibration
-
-
-def rewrite_metadata(path: Path, extra: dict[str, str]) -> dict[str, str]:
-    """Atomically rewrite a safetensors file with the same tensors and ``extra`` merged into its metadata."""
-    from safetensors.torch import save_file
-
-    from train.checkpoints import read_safetensors
-    from train.fsutil import atomic_file
-
-    tensors, meta = read_safetensors(path)
-    meta = {**meta, **extra}
-    try:
-        with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the checkpoint is intact without its "
-                        "calibration: free disk space, then run the same command with --resume auto") from None
-    return meta
 
 
 def test_extras(run: Run, test: dict, calibration: dict | None) -> dict:
