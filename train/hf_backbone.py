@@ -105,12 +105,13 @@ def resolve_source(name_or_path: str) -> Source:
     return Source(name_or_path, local_only=cached, hub=True)
 
 
-def _not_cached(name: str, why: str) -> str:
+def _not_cached(name: str, why: str, partly: bool = False) -> str:
     from huggingface_hub import constants
 
-    return (f"model.hf.name_or_path: '{name}' is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
-            f"and {why}; download it where there is a network (hf download {name}) and copy the cache here "
-            "(or point HF_HOME at it), or pass a local directory written by save_pretrained")
+    where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    state = f"is only partly in {where} ({why})" if partly else f"is not in {where} and {why}"
+    return (f"model.hf.name_or_path: '{name}' {state}; download it where there is a network (hf download {name}) "
+            "and copy the cache here (or point HF_HOME at it), or pass a local directory written by save_pretrained")
 
 
 def _causes(e: BaseException):
@@ -133,11 +134,18 @@ def _load_problem(what: str, source: Source | None, e: Exception) -> str:
         if any(isinstance(c, RepositoryNotFoundError) for c in chain):
             return (f"model.hf.name_or_path: there is no model '{name}' on the Hub (check the spelling on "
                     f"https://huggingface.co/models), and no directory of that name")
+        if source.local_only and isinstance(e, OSError):
+            # its config.json is cached (that is what made it local_only), another file is not
+            return _not_cached(name, _first_line(e).rstrip("."), partly=True)
         if any(isinstance(c, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for c in chain) or \
                 "couldn't connect" in str(e):
             return _not_cached(name, "the Hub could not be reached")
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"model.hf: transformers could not {what} ({type(e).__name__}: {first[:300]})"
+    return f"model.hf: transformers could not {what} ({type(e).__name__}: {_first_line(e)})"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 @contextmanager
@@ -267,8 +275,10 @@ class HFModel(nn.Module):
         self._native = _native_size(config)
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(backbone.forward).parameters
         # FSDP's transformer wrap policy reads the wrapped model's _no_split_modules (the backbone's
-        # layer classes); without it Accelerate finds nothing to wrap (docs/FINETUNING.md).
-        self._no_split_modules = list(getattr(backbone, "_no_split_modules", None) or [])
+        # layer classes; docs/FINETUNING.md). Only classes this model has: Accelerate stops on a name it
+        # cannot find (CLIP's vision tower lists the text tower's embeddings too).
+        present = {type(m).__name__ for m in backbone.modules()}
+        self._no_split_modules = [c for c in getattr(backbone, "_no_split_modules", None) or [] if c in present]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone(pixel_values=x, **self._size_kwargs(x))
@@ -391,7 +401,7 @@ def check_image_size(hf: "HFConfig", image_size: int) -> None:
     try:
         _probe(model, image_size)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         fits = next((s for s in (16, 32, 64, 128, 224, 256, 384, 512) if s > image_size and _takes(model, s)), None)
         fix = f"use data.image_size >= {fits}" if fits else "use another data.image_size"
         raise UserError(f"data.image_size={image_size} does not fit the {config.model_type} backbone "
