@@ -103,6 +103,17 @@ def test_an_image_size_the_backbone_cannot_take_is_one_line(fields, size, match)
         hf_backbone.check_image_size(_cfg(fields).hf, size)
 
 
+def test_check_backbone_runs_the_same_checks_from_the_whole_config():
+    from train.config import Config
+    from train.finetune import check_backbone
+
+    check_backbone(Config())  # mok_cnn: nothing to check, transformers not needed
+    cfg = Config(model=_cfg(CONVNEXT), data={"image_size": 8})
+    check_backbone(cfg)
+    with pytest.raises(UserError, match="data.image_size=4 does not fit"):
+        check_backbone(cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": 4})}))
+
+
 @pytest.mark.parametrize("fields, match", [
     ({"model_type": "convnxt"}, "model.hf.config.model_type: transformers .* has no model type 'convnxt'; did you "
                                 "mean convnext"),
