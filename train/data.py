@@ -101,11 +101,13 @@ class DatedImages(Dataset):
         y = ((self.years[idx] - self.target_mean) / self.target_std).float()
         if self.augment is None:
             return raw, y, None
-        params = identity_params(len(idx), tuple(raw.shape[-2:]))
+        size = tuple(raw.shape[-2:])
         at = [j for j, (e, _) in enumerate(pairs) if e is not None]
+        if len(at) == len(pairs):  # what the train loader asks for
+            return raw, y, augment_params(self.augment, self.seed, [e for e, _ in pairs], idx, size)
+        params = identity_params(len(idx), size)
         if at:
-            params[at] = augment_params(self.augment, self.seed, [pairs[j][0] for j in at], [idx[j] for j in at],
-                                        tuple(raw.shape[-2:]))
+            params[at] = augment_params(self.augment, self.seed, [pairs[j][0] for j in at], [idx[j] for j in at], size)
         return raw, y, params
 
 
@@ -238,15 +240,12 @@ class Data:
         if len(batch) == 2:
             return batch[0], batch[1]
         images, y, params = batch
-        on_cpu = images.device.type == "cpu"
-        x = augment_batch(images, params, self.train.augment, self._scratch if on_cpu else None)
-        mean, std = self._normalization_on(x.device)
-        # In place, the same arithmetic as the dataset's own normalization.
-        return x.div_(255.0).sub_(mean).div_(std), y
+        scratch = self._scratch if images.device.type == "cpu" else None
+        return augment_batch(images, params, self.train.augment, self._normalization_on(images.device), scratch), y
 
     def _normalization_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The train split's pixel mean and std on ``device``, copied there once: a copy per batch from
-        pageable host memory would make every step wait for the GPU."""
+        """The train split's pixel mean and std (``[3, 1, 1]``) on ``device``, copied there once: a copy
+        per batch from pageable host memory would make every step wait for the GPU."""
         mean, std = self.train.mean, self.train.std
         cached = self._normalization.get(device)
         if cached is None or cached[0] is not mean or cached[1] is not std:  # replaced (a backbone's statistics)
