@@ -4,12 +4,16 @@ never augmented; and one kill -9 + resume run with augmentation on that ends bit
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
-from conftest import DEFAULT_CONFIG, run_main
+from conftest import DEFAULT_CONFIG, ROOT, env, run_main
 from train.augment import augment_batch, augment_one, augment_params, identity_params, uniforms
 from train.config import AugmentConfig, load_config
 from train.data import RawTrainBatches, build_data, make_loaders
@@ -163,6 +167,17 @@ def test_dataset_indexing_gives_the_batched_images():
         torch.testing.assert_close(data.train[k][0], x, rtol=0, atol=1e-5)
     assert torch.equal(batch[2][0], (data.train.images[9].float() / 255.0 - data.train.mean) / data.train.std)
     assert not torch.equal(batch[0][0], batch[3][0])
+
+
+def test_the_data_benchmark_measures_the_augmented_path():
+    # Tiny sizes: checks that benchmarks/data.py runs loader + train_batch and prints its lines (never timings).
+    r = subprocess.run([sys.executable, "benchmarks/data.py", "--images", "120", "--source-size", "48",
+                        "--image-size", "16", "--batch-size", "16", "--num-workers", "1", "--repeats", "1",
+                        "--steps", "1", "--threads", "1"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("loader, cached:", "loader, cached + augment:", "cached + augment / cached:"):
+        assert re.search(rf"^{re.escape(line)}\s+[\d.]+", r.stdout, re.M), r.stdout
 
 
 @pytest.mark.slow
