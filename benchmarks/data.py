@@ -2,6 +2,7 @@
 
     python benchmarks/data.py                       # 2,000 JPEGs of 256x256 -> 64x64, batch 64, 2 workers
     python benchmarks/data.py --images 4000 --image-size 32 --num-workers 1
+    python benchmarks/data.py --threads 1           # one torch thread (docs/PERFORMANCE.md: a shared 2-core VM)
 
 Measured in one run, as images per second:
 - decoding: the train loader alone, one epoch, decoding and resizing every JPEG (no cache). The

@@ -6,7 +6,7 @@
     python benchmarks/overhead.py --quick                   # tiny workload and data, 2 epochs, 1 repetition,
                                                             # arms side by side: checks that it runs
     python benchmarks/overhead.py --json overhead.json      # also write every raw number
-    python benchmarks/overhead.py --checkpoint-only         # only the best-checkpoint writes (~1 min)
+    python benchmarks/overhead.py --checkpoint-only         # only the best-checkpoint writes (seconds)
 
 Arms, all on the same model, data, batch size, epochs, seed and thread count:
 
@@ -54,7 +54,7 @@ steps per epoch, which is what to hunt for in the loop on the tiny workload.
 Also measured: what training waits for when the trainer saves its best checkpoint (a copy of the
 weights to host memory; the atomic write runs on a background thread) and how long that write takes
 until durable, against a plain safetensors save + fsync, on the default CNN's state dict and on a
-~100 MB one (``--checkpoint-only``: just these, in about a minute); and the start-up + shutdown time
+~100 MB one (``--checkpoint-only``: just these, in seconds); and the start-up + shutdown time
 of the trackers (imports included, as a run pays them).
 No numbers are checked against thresholds except in the PASS/MISS column; rerun on a quiet machine.
 """
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-checkpoint-reps", type=int, default=5,
                     help="repetitions of each write of the large state dict (default: %(default)s)")
     ap.add_argument("--checkpoint-only", action="store_true",
-                    help="only the checkpoint writes (no arms, no trackers): about a minute")
+                    help="only the checkpoint writes (no arms, no trackers): a few seconds")
     ap.add_argument("--tracker-reps", type=int, default=3,
                     help="repetitions of each tracker start-up (default: %(default)s)")
     ap.add_argument("--quick", action="store_true",
