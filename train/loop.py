@@ -63,6 +63,7 @@ def train(cfg: Config, resume: str | None = None, restart: bool = False) -> dict
         if plan.finished_results is not None:
             return plan.finished_results  # a finished run, resumed: nothing to do, nothing rewritten
         cfg = resolve_config(cfg, plan.name, rt)
+        finetune.check_backbone(cfg)  # an uncached/misspelled backbone stops before the image cache is built
         data = build_data(cfg, is_local_main=rt.is_local_main, is_main=rt.is_main)
         if note := finetune.use_backbone_normalization(cfg, data):
             rt.say(note)
@@ -128,7 +129,7 @@ class Run:
     epoch_cpu_seconds: list[float] = field(default_factory=list)
     clock: "EpochClock | None" = None
     val_samples: int = 0
-    ema: Any = None  # train.finetune's EMA of the weights, when training.ema.decay is set
+    ema: Any = None  # train.finetune's EMA of the weights (inactive when training.ema.decay is null)
     frozen: bool = False  # the backbone is frozen this epoch (training.freeze_backbone_epochs)
 
     def first_epoch(self) -> int:
@@ -431,7 +432,7 @@ def test_and_report(run: Run) -> dict:
     acc.log(test_metrics, step=progress.global_step)
     run.logs.after_test(test, progress.global_step)
     base = baselines(run.data, num_workers=cfg.data.num_workers) if acc.is_main_process else {}
-    if cfg.data.kind == "synthetic":
+    if cfg.data.kind == "synthetic" and acc.is_main_process:
         base.update(synthetic_floor(cfg, run.data.test.years.numpy()))
     monitored = cfg.training.early_stopping.monitor.split("/")[1]
     results = {

@@ -378,6 +378,10 @@ def check_state_fits(plan: RunPlan, model: nn.Module, optimizer: torch.optim.Opt
         return
     # Headers only: load_state reads the data itself a moment later, and a large state should not be read twice.
     check_tensors_match(model, tensor_shapes(plan.resume_dir / "model.safetensors"), f"--resume {plan.resume_dir}")
+    if not (plan.resume_dir / "custom_checkpoint_0.pkl").is_file():
+        raise UserError(f"--resume {plan.resume_dir}: the state has no EMA record (custom_checkpoint_0.pkl; written "
+                        "before training.ema existed); start a new run, warm-started with "
+                        f"model.init_from={plan.resume_dir / 'model.safetensors'}")
     optimizer_file = plan.resume_dir / "optimizer.bin"
     if not optimizer_file.is_file():  # sharded (FSDP) states keep the optimizer elsewhere
         return
