@@ -202,13 +202,15 @@ def test_augmentation_is_a_function_of_seed_epoch_index_and_train_only(tmp_path)
     assert torch.equal(build_data(_cfg(tmp_path, csv, **AUG)).train[(1, 3)][0], a1)
 
 
-def _epochs(loader, sampler, epochs=(1, 2)):
+def _epochs(loader, sampler, epochs=(1, 2), data=None):
     out = []
     for e in epochs:
         # A prepared loader passes its own epoch counter to the sampler when iterated, so the loop
         # sets the epoch on the loader; a plain DataLoader has no set_epoch.
         (loader.set_epoch if hasattr(loader, "set_epoch") else sampler.set_epoch)(e)
-        out.append(torch.cat([x for x, _ in loader]))
+        # With augmentation on, the train loader yields raw batches that Data.train_batch augments.
+        batches = (data.train_batch(b, e) for b in loader) if data is not None else loader
+        out.append(torch.cat([x for x, _ in batches]))
     return out
 
 
@@ -217,17 +219,17 @@ def test_augmented_batches_do_not_depend_on_workers_or_accelerate(tmp_path):
 
     csv, _ = _collection(tmp_path, n=20)
     cfg0 = _cfg(tmp_path, csv, **AUG, **{"data.batch_size": 4, "data.cache": "true"})
-    cfg2 = _cfg(tmp_path, csv, **AUG, **{"data.batch_size": 4, "data.cache": "true", "data.num_workers": 2})
-    d = build_data(cfg0)
+    cfg2 = _cfg(tmp_path, csv, **AUG, **{"data.batch_size": 4, "data.num_workers": 2})  # decoded in 2 workers
+    d, d2 = build_data(cfg0), build_data(cfg2)
     tr0, _, _ = make_loaders(cfg0, d)
-    tr2, _, _ = make_loaders(cfg2, build_data(cfg2))
+    tr2, _, _ = make_loaders(cfg2, d2)
     s0, s2 = tr0.sampler, tr2.sampler
-    ref = _epochs(tr0, s0)
+    ref = _epochs(tr0, s0, data=d)
     assert not torch.equal(ref[0], ref[1])
-    got = _epochs(tr2, s2)  # persistent workers: the epoch must reach them through the sampler
+    got = _epochs(tr2, s2, data=d2)  # persistent workers: the epoch must reach them through the sampler
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     prepared = Accelerator(cpu=True).prepare(tr2)
-    assert all(torch.equal(a, b) for a, b in zip(ref, _epochs(prepared, s2)))
+    assert all(torch.equal(a, b) for a, b in zip(ref, _epochs(prepared, s2, data=d2)))
 
 
 # --- Cache ---------------------------------------------------------------------------------------------

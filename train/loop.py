@@ -397,7 +397,8 @@ def update_best(run: Run, epoch: int, metrics: dict) -> bool:
         )
         with run.clock.paused(), finetune.ema_weights(run.ema, run.model):
             run.best.save(acc, run.model, meta)
-            if cfg.logging.wandb.log_model:
+            # Only with W&B: reading best.path waits for the background write (W&B copies the file).
+            if cfg.logging.wandb.log_model and cfg.logging.wandb.enabled:
                 log_model_artifact(acc, run.best.path, meta)
     else:
         progress.bad_epochs += 1
@@ -492,7 +493,7 @@ def calibrate_intervals(run: Run) -> dict | None:
     acc = run.accelerator
     if acc.is_main_process:
         run.best.update_metadata({"calibration": json.dumps(calibration)})
-        if run.cfg.logging.wandb.log_model:
+        if run.cfg.logging.wandb.log_model and run.cfg.logging.wandb.enabled:
             log_model_artifact(acc, run.best.path, read_safetensors(run.best.path)[1])
     acc.wait_for_everyone()
     return calibration
