@@ -93,7 +93,8 @@ def test_directory_input_and_wandb_artifact_directory(trained, tmp_path):
                         "--output", str(out_csv), "--device", "cpu"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert out_csv.read_text().splitlines()[0] == "path,predicted_year,calendar_year" and "RMSE" not in p.stdout
+    header = "path,predicted_year,calendar_year,low_80,high_80,low_90,high_90"  # the calibrated intervals
+    assert out_csv.read_text().splitlines()[0] == header and "RMSE" not in p.stdout
 
 
 def _expect_one_line_exit_2(capsys, args, match):

@@ -25,7 +25,7 @@ from train.report import interval_stats, read_predictions, run_figures, write_re
 from train.state import newest_complete
 
 RUN_FIGURES = {"loss", "error_years", "lr"}
-TEST_FIGURES = {"scatter", "mae_by_decade", "residuals"}
+TEST_FIGURES = {"scatter", "mae_by_decade", "residuals", "intervals"}  # intervals: the calibrated ones
 
 
 class Page(HTMLParser):

@@ -236,7 +236,10 @@ def test_a_full_disk_at_the_best_checkpoint_keeps_the_previous_one(tmp_path):
         r = run_main(args(mount, "best", **WIDE))
         assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
         line = one_error_line(r.stderr)
-        assert "best.safetensors" in line and "previous best checkpoint is intact" in line
+        # The best checkpoint is written in the background, so the epoch-end state write (on the same full
+        # disk) may be the first to fail; either way the line says what is intact and nothing is half-written.
+        assert ("best.safetensors" in line and "previous best checkpoint is intact" in line) or (
+            "could not write the state" in line and "previous states are intact" in line), line
         assert not list((mount / "best").rglob("*.tmp-*")), "the temporary file is removed"
 
 

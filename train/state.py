@@ -378,13 +378,16 @@ def check_state_fits(plan: RunPlan, model: nn.Module, optimizer: torch.optim.Opt
         return
     # Headers only: load_state reads the data itself a moment later, and a large state should not be read twice.
     check_tensors_match(model, tensor_shapes(plan.resume_dir / "model.safetensors"), f"--resume {plan.resume_dir}")
+    optimizer_file = plan.resume_dir / "optimizer.bin"
+    if optimizer_file.is_file():  # sharded (FSDP) states keep the optimizer elsewhere
+        _check_optimizer_groups(plan, optimizer_file, optimizer)
     if not (plan.resume_dir / "custom_checkpoint_0.pkl").is_file():
         raise UserError(f"--resume {plan.resume_dir}: the state has no EMA record (custom_checkpoint_0.pkl; written "
                         "before training.ema existed); start a new run, warm-started with "
                         f"model.init_from={plan.resume_dir / 'model.safetensors'}")
-    optimizer_file = plan.resume_dir / "optimizer.bin"
-    if not optimizer_file.is_file():  # sharded (FSDP) states keep the optimizer elsewhere
-        return
+
+
+def _check_optimizer_groups(plan: RunPlan, optimizer_file: Path, optimizer: torch.optim.Optimizer) -> None:
     saved = torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True)
     saved_sizes = [len(g["params"]) for g in saved.get("param_groups", [])]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
