@@ -79,6 +79,11 @@ def intervals(calibration: dict, point: np.ndarray, quantiles: np.ndarray | None
     return out
 
 
+def labelled_intervals(calibration: dict, point: np.ndarray, quantiles: np.ndarray | None) -> dict[str, tuple]:
+    """``intervals`` keyed by the column label of each level (``"80"``: ``low_80``, ``high_80``)."""
+    return {level_label(lv): b for lv, b in intervals(calibration, point, quantiles).items()}
+
+
 def coverage_report(calibration: dict, true: np.ndarray, point: np.ndarray, quantiles: np.ndarray | None,
                     prefix: str) -> dict[str, float]:
     """``<prefix>coverage_80``, ``<prefix>width_80`` ...: the share of images whose true date lies in

@@ -47,6 +47,9 @@ class YearBins:
     def centres(self, device=None, dtype=torch.float32) -> torch.Tensor:
         return self.start + self.width * (torch.arange(self.count, device=device, dtype=dtype) + 0.5)
 
+    def edges(self, device=None) -> torch.Tensor:
+        return self.start + self.width * torch.arange(self.count + 1, device=device, dtype=torch.float64)
+
     def as_meta(self) -> dict:
         return {"start": self.start, "width": self.width, "count": self.count}
 
@@ -81,27 +84,33 @@ class DistributionHead(Head):
         self.target_mean, self.target_std = target_mean, target_std
         self.loss = lambda out, y: self._ce(out, y).mean()
         self.per_sample = self._ce
+        self._grid: dict = {}  # device -> (bin centres, bin edges): built once, not every step
+
+    def _on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._grid:
+            self._grid[device] = (self.bins.centres(device), self.bins.edges(device))
+        return self._grid[device]
 
     def _years(self, y: torch.Tensor) -> torch.Tensor:
         return y.double() * self.target_std + self.target_mean
 
     def _ce(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        target = soft_labels(self._years(y), self.bins, self.sigma).to(out.dtype)
+        target = soft_labels(self._years(y), self.bins, self.sigma, self._on(out.device)[1]).to(out.dtype)
         return -(target * F.log_softmax(out.float(), dim=-1)).sum(-1)
 
     def point(self, out: torch.Tensor) -> torch.Tensor:
-        years = expected_year(out, self.bins)
+        years = F.softmax(out.float(), dim=-1) @ self._on(out.device)[0]  # expected_year, with cached centres
         return ((years.double() - self.target_mean) / self.target_std).to(torch.float32)
 
     def quantiles(self, out: torch.Tensor, taus: list[float]) -> torch.Tensor:
         return year_quantiles(out, self.bins, taus)
 
 
-def soft_labels(years: torch.Tensor, bins: YearBins, sigma: float) -> torch.Tensor:
+def soft_labels(years: torch.Tensor, bins: YearBins, sigma: float, edges: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, K]`` Gaussian soft labels: each bin gets the normal density's mass over its interval
     (a CDF difference, so narrow bins and wide sigmas are both exact), renormalized to sum to 1 over
     the bins (the tails beyond the margin are dropped)."""
-    edges = bins.start + bins.width * torch.arange(bins.count + 1, device=years.device, dtype=torch.float64)
+    edges = bins.edges(years.device) if edges is None else edges
     z = (edges[None, :] - years.double()[:, None]) / (sigma * math.sqrt(2.0))
     mass = 0.5 * (torch.erf(z[:, 1:]) - torch.erf(z[:, :-1]))
     return (mass / mass.sum(-1, keepdim=True).clamp_min(1e-300)).float()

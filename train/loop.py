@@ -32,7 +32,7 @@ from train.config import Config, parse_duration
 from train.console import early_stop_reason, epoch_block, print_results, progress_bar, startup_summary
 from train.data import Data, baselines, build_data, make_loaders
 from train.heads import Head, build_head
-from train.calibration import calibrate, coverage_report, intervals, level_label, quantile_levels
+from train.calibration import calibrate, coverage_report, labelled_intervals, level_label, quantile_levels
 from train.metrics import by_decade, date_metrics
 from train.synthetic import synthetic_floor
 from train.errors import NonFiniteLoss, Stopped, UserError
@@ -539,7 +539,7 @@ def write_test_predictions(run: Run, test: dict, calibration: dict | None) -> No
     bounds = {}
     if calibration is not None:
         q = test["q"].double().numpy() if "q" in test else None
-        bounds = {level_label(lv): b for lv, b in intervals(calibration, predicted, q).items()}
+        bounds = labelled_intervals(calibration, predicted, q)
     try:
         write_predictions(run.run_dir / "predictions_test.csv", names, true, predicted, bounds)
     except OSError as e:

@@ -72,7 +72,7 @@ from train.data import (  # noqa: E402
 )
 from train.errors import UserError, run_cli  # noqa: E402
 from train.fsutil import atomic_file  # noqa: E402
-from train.calibration import intervals, level_label, quantile_levels  # noqa: E402
+from train.calibration import labelled_intervals, quantile_levels  # noqa: E402
 from train.heads import head_from_meta  # noqa: E402
 from train.metrics import year_errors  # noqa: E402
 
@@ -347,7 +347,7 @@ def _intervals(meta: CheckpointMeta, predicted: np.ndarray, quantiles: np.ndarra
     if meta.calibration is None:
         return {}
     cal = meta.calibration.model_dump()
-    return {level_label(lv): b for lv, b in intervals(cal, predicted, quantiles).items()}
+    return labelled_intervals(cal, predicted, quantiles)
 
 
 def write_csv(path: str | Path, result: dict) -> None:

@@ -246,12 +246,15 @@ def oracle_predictions(apparent: np.ndarray, year_min: float, year_max: float,
 
 
 def floor_errors(n_train: int, n_val: int, n_test: int, seed: int, year_min: float,
-                 year_max: float) -> dict[str, float]:
+                 year_max: float, test_years: np.ndarray | None = None) -> dict[str, float]:
     """RMSE of the posterior mean and MAE of the posterior median on the test split: what the best
     possible predictor, one that reads every test image's apparent age exactly, would score. No image
-    model can beat it (each cue adds its own jitter on top, so the reachable error is higher)."""
+    model can beat it (each cue adds its own jitter on top, so the reachable error is higher).
+    ``test_years``: the split's own dates, checked against the draws ({} when they differ)."""
     years, apparent = apparent_years(n_train + n_val + n_test, seed, year_min, year_max)
     years, apparent = years[n_train + n_val:], apparent[n_train + n_val:]
+    if test_years is not None and not np.allclose(years, test_years):
+        return {}  # not the generator's split (should not happen): no floor rather than a wrong one
     mean, median = oracle_predictions(apparent, year_min, year_max)
     return {"floor/rmse": float(np.sqrt(np.mean((mean - years) ** 2))),
             "floor/mae": float(np.mean(np.abs(median - years)))}
@@ -260,8 +263,4 @@ def floor_errors(n_train: int, n_val: int, n_test: int, seed: int, year_min: flo
 def synthetic_floor(cfg, test_years: np.ndarray) -> dict[str, float]:
     """``floor_errors`` for a run's synthetic test split (checked against the split's own dates)."""
     s = cfg.data.synthetic
-    floor = floor_errors(s.num_train, s.num_val, s.num_test, cfg.experiment.seed, s.year_min, s.year_max)
-    years, _ = apparent_years(s.num_train + s.num_val + s.num_test, cfg.experiment.seed, s.year_min, s.year_max)
-    if not np.allclose(years[s.num_train + s.num_val:], test_years):
-        return {}  # not the generator's split (should not happen): no floor rather than a wrong one
-    return floor
+    return floor_errors(s.num_train, s.num_val, s.num_test, cfg.experiment.seed, s.year_min, s.year_max, test_years)
