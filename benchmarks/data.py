@@ -12,7 +12,10 @@ Measured in one run, as images per second:
 - cached: the train loader alone, one epoch, reading the memory-mapped cache; also with the
   augmentations on (flip, resized crop, brightness). Every batch goes through ``Data.train_batch``,
   as in training: with augmentation on, that is where the whole batch is augmented and normalized
-  (on the CPU here: the training device), so "cached + augment" is the full path a step waits for.
+  (on the CPU here: the training device, so by the compiled kernel of train/augment_cpu.py), so
+  "cached + augment" is the full path a step waits for. "cached + augment, tensor ops" is the same
+  with the tensor-op path that every other device runs (``augment_batch(tensor_ops=True)``), timed
+  on the CPU for comparison.
 - training step: the default model (``build_model`` of the default config) forward + backward +
   AdamW step on batches of the same size, no loader.
 
@@ -37,6 +40,7 @@ from PIL import Image  # noqa: E402
 
 from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: the script's own folder)
 from train.config import load_config  # noqa: E402
+from train.augment import augment_batch  # noqa: E402
 from train.data import build_data, make_loaders  # noqa: E402
 from train.models import build_model  # noqa: E402
 from train.synthetic import make_synthetic  # noqa: E402
@@ -58,6 +62,18 @@ def generate(root: Path, n: int, source_size: int, seed: int = 0) -> Path:
     return csv
 
 
+class TensorOps:
+    """``data`` whose ``train_batch`` runs the tensor-op augmentation path (what a GPU runs) on the CPU."""
+
+    def __init__(self, data):
+        self.data, self.train, self.scratch = data, data.train, {}
+
+    def train_batch(self, batch, epoch: int):
+        images, y, params = batch
+        norm = (self.train.mean, self.train.std)
+        return augment_batch(images, params, self.train.augment, norm, self.scratch, tensor_ops=True), y
+
+
 def loader_epoch(loader, data, epoch: int) -> float:
     """Images/s of one pass over a train loader and ``Data.train_batch`` (what the training loop calls on
     each batch), no model."""
@@ -71,7 +87,8 @@ def loader_rates(setups: dict, repeats: int) -> dict[str, list[float]]:
     """``repeats`` epochs of each ``name -> (cfg, data)``, interleaved (epoch 1 of each, then epoch 2 of
     each, ...): the setups see the same machine within seconds, which a shared VM's drifting speed needs
     for their ratios to mean something. One warm-up epoch each first, not counted."""
-    loaders = {name: (make_loaders(cfg, data)[0], data) for name, (cfg, data) in setups.items()}
+    loaders = {name: (make_loaders(cfg, data.data if isinstance(data, TensorOps) else data)[0], data)
+               for name, (cfg, data) in setups.items()}
     rates: dict[str, list[float]] = {name: [] for name in setups}
     for epoch in range(repeats + 1):
         for name, (loader, data) in loaders.items():
@@ -149,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         aug_data = build_data(cfg_aug)
         reopen_s = time.perf_counter() - t0
         rates = loader_rates({"decoding": (cfg_plain, plain), "cached": (cfg_cache, cached_data),
-                              "cached + augment": (cfg_aug, aug_data)}, args.repeats)
+                              "cached + augment": (cfg_aug, aug_data),
+                              "tensor ops": (cfg_aug, TensorOps(aug_data))}, args.repeats)
         step = train_step_rate(cfg_cache, args.steps)
 
     n_train = len(plain.train)
@@ -167,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loader, decoding JPEGs:       {decoding:9.0f} images/s")
     print(f"loader, cached:               {cached:9.0f} images/s")
     print(f"loader, cached + augment:     {cached_aug:9.0f} images/s  "
-          "(augmented and normalized by Data.train_batch on the CPU)")
+          "(augmented and normalized by Data.train_batch on the CPU: the compiled kernel)")
+    tensor_ops = statistics.median(rates["tensor ops"])
+    print(f"  the same, tensor ops:       {tensor_ops:9.0f} images/s  (the path other devices run)")
     print(f"training step (default model): {step:8.0f} images/s")
     print(f"\ncached / decoding:              {cached / decoding:6.1f}x   (goal >= 5x)")
     print(f"cached / training step:         {cached / step:6.1f}x   (goal >= 2x)")
@@ -175,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     paired = statistics.median(a / c for a, c in zip(rates["cached + augment"], rates["cached"]))
     print(f"cached + augment / cached:      {cached_aug / cached:6.2f}x   (goal >= 0.5x; "
           f"{paired:.2f}x paired: the median of the per-round ratios)")
+    paired_ops = statistics.median(a / c for a, c in zip(rates["tensor ops"], rates["cached"]))
+    print(f"  with tensor ops instead:      {tensor_ops / cached:6.2f}x   ({paired_ops:.2f}x paired)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Batched augmentation on the training device (train.augment, Data.train_batch): the same images as the
-per-image reference, whatever the batch split, the number of processes or a mid-epoch resume; val/test
-never augmented; and one kill -9 + resume run with augmentation on that ends bit-identical."""
+per-image reference, on both paths (the compiled CPU kernel and the tensor ops other devices run), whatever
+the batch split, the number of processes or a mid-epoch resume; val/test never augmented; and one kill -9
++ resume run with augmentation on that ends bit-identical."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ CONFIGS = {
     "flip": AugmentConfig(hflip=True),
     "brightness": AugmentConfig(brightness=0.3),
 }
+PATHS = {"cpu_kernel": False, "tensor_ops": True}  # augment_batch's tensor_ops argument
 AUG = ["data.augment.hflip=true", "data.augment.crop_scale_min=0.6", "data.augment.brightness=0.2"]
 
 
@@ -54,31 +56,48 @@ def _keys(loader, epoch: int):
         yield [i for _, i in batch]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("size", [(32, 32), (64, 64), (33, 21)], ids=["32px", "64px", "33x21"])
-def test_batched_augmentation_matches_the_per_image_reference(name, size):
+def test_batched_augmentation_matches_the_per_image_reference(name, size, path):
     aug = CONFIGS[name]
     images = _images(24, *size)
     params = augment_params(aug, 42, 3, np.arange(100, 124), size)
-    batched = augment_batch(images, params, aug)
+    batched = augment_batch(images, params, aug, tensor_ops=PATHS[path])
     reference = torch.stack([augment_one(img, p, aug) for img, p in zip(images, params)])
     assert batched.dtype == torch.float32 and batched.shape == images.shape
     torch.testing.assert_close(batched, reference, rtol=0, atol=1e-3)
     assert not torch.equal(batched, images.float()), "something was augmented"
 
 
-def test_an_image_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["all", "crop"])
+def test_normalization_folded_into_the_augmentation_matches_normalizing_after_it(name, path):
+    aug, size = CONFIGS[name], (33, 21)
+    images = _images(16, *size)
+    params = augment_params(aug, 5, 1, np.arange(16), size)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+    folded = augment_batch(images, params, aug, (mean, std), tensor_ops=PATHS[path])
+    after = (augment_batch(images, params, aug, tensor_ops=PATHS[path]) / 255.0 - mean) / std
+    torch.testing.assert_close(folded, after, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_image_does_not_depend_on_its_batch(path):
     images, idx = _images(20, 32, 32), np.arange(500, 520)
-    whole = augment_batch(images, augment_params(ALL, 7, 2, idx, (32, 32)), ALL)
+
+    def aug(at):
+        return augment_batch(images[at], augment_params(ALL, 7, 2, idx[at], (32, 32)), ALL, tensor_ops=PATHS[path])
+
+    whole = aug(np.arange(20))
     for parts in ([3, 17], [1] * 20, [11, 9]):  # other batch sizes, batch positions, thread splits
         pieces, a = [], 0
         for n in parts:
-            pieces.append(augment_batch(images[a:a + n], augment_params(ALL, 7, 2, idx[a:a + n], (32, 32)), ALL))
+            pieces.append(aug(np.arange(a, a + n)))
             a += n
         assert torch.equal(torch.cat(pieces), whole)
-    order = torch.randperm(20, generator=torch.Generator().manual_seed(1))
-    shuffled = augment_batch(images[order], augment_params(ALL, 7, 2, idx[order.numpy()], (32, 32)), ALL)
-    assert torch.equal(shuffled, whole[order])
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(1)).numpy()
+    assert torch.equal(aug(order), whole[order])
 
 
 def test_the_draws_are_a_function_of_seed_epoch_and_index():
@@ -105,9 +124,11 @@ def test_the_transforms_keep_their_ranges():
     assert torch.equal(off, identity_params(10, (h, w)))
 
 
-def test_identity_parameters_leave_the_images_exactly_as_they_are():
+@pytest.mark.parametrize("path", PATHS)
+def test_identity_parameters_leave_the_images_exactly_as_they_are(path):
     images = _images(6, 40, 40)
-    assert torch.equal(augment_batch(images, identity_params(6, (40, 40)), ALL), images.float())
+    assert torch.equal(augment_batch(images, identity_params(6, (40, 40)), ALL, tensor_ops=PATHS[path]),
+                       images.float())
 
 
 def test_train_batch_augments_on_the_batch_and_val_test_stay_plain():
@@ -117,7 +138,8 @@ def test_train_batch_augments_on_the_batch_and_val_test_stay_plain():
     assert data.val.augment is None and data.test.augment is None
     train.sampler.set_epoch(1)
     images, y, params = next(iter(train))
-    assert images.dtype == torch.uint8 and params.shape == (8, 6)
+    h, w = images.shape[-2:]
+    assert images.dtype == torch.uint8 and params.shape == (8, 6 + 4 * (h + w)), "parameters and their taps"
     x, y2 = data.train_batch((images, y, params), 1)
     assert x.dtype == torch.float32 and x.shape == images.shape and y2 is y
     # The dataset's own indexing gives the same image (the reference path for inspection).

@@ -14,10 +14,15 @@ Two halves, so that the random part is exact everywhere and the pixel part runs 
   Computed on the CPU on purpose: NumPy defines wrap-around uint64 arithmetic (torch int64 overflow is
   signed), float64 exists on every host (not on MPS), and a GPU's ``exp``/``log`` may differ from the
   CPU's in the last bit, which would move a crop box by a pixel between a GPU run and a CPU run.
-- ``augment_batch``: applies them to a uint8 batch ``[B, 3, H, W]`` with tensor ops on the batch's device
-  (rows picked with ``index_select``, columns with ``gather``, bilinear weights as in ``F.interpolate``
-  with ``align_corners=False``). Only single-operation kernels (no ``lerp``/``addcmul``, whose vectorized
-  and scalar code round differently), so an image's pixels do not depend on the batch either.
+  ``with_taps`` appends each image's bilinear taps (source rows and columns, weights; the flip folded
+  in), also in NumPy float64 in the loader, so the training device does no small bookkeeping ops.
+- ``augment_batch``: applies them to a uint8 batch ``[B, 3, H, W]`` with tensor ops on the batch's device:
+  the columns with one ``index_select`` per tap over the batch laid out ``[C, H, B, W]``, the rows with
+  one ``embedding_bag`` (weighted sum of two source rows per output row, brightness and normalization
+  in its weights), bilinear weights as in ``F.interpolate`` with ``align_corners=False``. Only kernels
+  that treat every image alike (no ``lerp``/``addcmul``, whose vectorized and scalar code round
+  differently and which could give an image other bits in another batch), so an image's pixels do not
+  depend on the batch either.
 
 ``augment_one`` is the per-image reference (crop, ``F.interpolate``, flip, brightness): the tests check
 that ``augment_batch`` gives the same images. Runs before this module (numpy ``default_rng`` per image in
@@ -99,31 +104,34 @@ def augment_params(aug: AugmentConfig, seed: int, epochs, indices, size: tuple[i
     return torch.from_numpy(p.astype(np.float32))
 
 
-def _taps(start: torch.Tensor, length: torch.Tensor, size: int, flip: torch.Tensor | None):
-    """Bilinear taps of crops ``[start, start + length)`` resized to ``size`` (any leading shape, e.g.
-    ``[B]`` or both axes stacked ``[2, B]``): the two source positions ``[..., size]`` (int64) and their
-    weights (float32), as ``F.interpolate(align_corners=False)`` computes them (source
-    ``(d + 0.5) * length / size - 0.5``, clamped at 0; no second tap past the crop's last pixel).
-    ``flip``: where it is 1, output position ``d`` takes the taps of ``size - 1 - d``: a flip for free."""
-    d = torch.arange(size, device=start.device, dtype=torch.float32).expand(*start.shape, size)
-    if flip is not None:
-        d = torch.where(flip[..., None] > 0.5, (size - 1) - d, d)
-    src = ((d + 0.5) * (length / size)[..., None] - 0.5).clamp_(min=0.0)
-    i0 = src.floor()
+def _taps(start: np.ndarray, length: np.ndarray, size: int, flip: np.ndarray) -> list[np.ndarray]:
+    """Bilinear taps of crops ``[start, start + length)`` (``[B]`` each) resized to ``size``: the two
+    source positions and their weights, ``[B, size]`` each, as ``F.interpolate(align_corners=False)``
+    places them (source ``(d + 0.5) * length / size - 0.5``, clamped at 0), except that the last pixel's
+    source is clamped to it (weight 0 on a second tap past the crop, where interpolate puts both taps on
+    the last pixel: the same value to within float rounding). Where ``flip`` is 1, output position ``d``
+    takes the taps of ``size - 1 - d``: a flip for free. Float64: every host computes the same taps."""
+    d = np.arange(size, dtype=np.float64)[None, :]
+    d = np.where(flip[:, None] > 0.5, (size - 1) - d, d)
+    src = np.minimum(np.maximum((d + 0.5) * (length / size)[:, None] - 0.5, 0.0), (length - 1)[:, None])
+    i0 = np.floor(src)
     w1 = src - i0
-    i1 = i0 + (i0 < length[..., None] - 1)
-    return (start[..., None] + i0).long(), (start[..., None] + i1).long(), 1.0 - w1, w1
+    i1 = np.minimum(i0 + 1, (length - 1)[:, None])
+    return [start[:, None] + i0, start[:, None] + i1, 1.0 - w1, w1]
 
 
-def _both_taps(params: torch.Tensor, h: int, w: int, hflip: bool):
-    """``_taps`` of the rows and of the columns (flipped where asked); one computation for square images."""
-    flips = params[:, FLIP] if hflip else None
-    if h != w:
-        return (_taps(params[:, TOP], params[:, CROP_H], h, None),
-                _taps(params[:, LEFT], params[:, CROP_W], w, flips))
-    flip = None if flips is None else torch.stack([torch.zeros_like(flips), flips])
-    taps = _taps(params[:, [TOP, LEFT]].T, params[:, [CROP_H, CROP_W]].T, h, flip)
-    return tuple(t[0] for t in taps), tuple(t[1] for t in taps)
+def with_taps(params: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``augment_params`` rows -> float32 ``[B, 6 + 4 (H + W)]``: the six parameters, then each image's
+    bilinear taps (``_taps``) of the rows (``y0, y1, wy0, wy1``, H columns each) and of the columns (``x0,
+    x1, wx0, wx1``, W each, the flip folded in). Computed in the loader with the parameters (a few
+    microseconds per batch in NumPy) so that the training device gets them with the batch: on the CPU
+    they were a fifth of ``augment_batch``'s time as small tensor ops, on a GPU they would be dozens of
+    tiny kernels. Positions are integers below 2**24, exact in float32."""
+    h, w = size
+    p = params.double().numpy()
+    rows = _taps(p[:, TOP], p[:, CROP_H], h, np.zeros(len(p)))
+    cols = _taps(p[:, LEFT], p[:, CROP_W], w, p[:, FLIP])
+    return torch.from_numpy(np.concatenate([p] + rows + cols, axis=1).astype(np.float32))
 
 
 def _scratch(scratch: dict | None, name: str, like: torch.Tensor, shape, dtype) -> torch.Tensor:
@@ -140,12 +148,17 @@ def _scratch(scratch: dict | None, name: str, like: torch.Tensor, shape, dtype) 
     return t
 
 
-def _resized_crop(images: torch.Tensor, params: torch.Tensor, hflip: bool, scale: torch.Tensor | None,
+def _resized_crop(images: torch.Tensor, plan: torch.Tensor, scale: torch.Tensor | None,
                   scratch: dict | None) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float32: each image's crop box resized to ``H x W`` (and flipped), times
-    ``scale`` (``[B or 1, C, 1, 1]``, folded into the column weights: no pass of its own)."""
+    """The tensor-op path (any device but the CPU; the tests run it on the CPU too): uint8 ``[B, C, H,
+    W]`` -> float32, each image's crop box resized to ``H x W`` (and flipped) with the ``with_taps`` of
+    ``plan``, times ``scale`` (``[B or 1, C, 1, 1]``, folded into the column weights: no pass of its own).
+    Rows picked with ``index_select``, columns with one ``gather`` per tap: single-operation kernels only
+    (no ``lerp``/``addcmul``, whose vectorized and scalar code round differently), so an image's pixels
+    do not depend on its batch."""
     b, c, h, w = images.shape
-    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = _both_taps(params, h, w, hflip)
+    y0, y1, wy0, wy1 = plan[:, N_PARAMS:N_PARAMS + 4 * h].view(b, 4, h).unbind(1)
+    x0, x1, wx0, wx1 = plan[:, N_PARAMS + 4 * h:].view(b, 4, w).unbind(1)
     # Rows: whole rows of W pixels copied (cheap); channel c of image i is row block (i * C + c) * H.
     # (Converted by copy_, then weighted: a uint8 x float32 multiply in one op was slower here.)
     rows = images.reshape(b * c * h, w)
@@ -153,37 +166,46 @@ def _resized_crop(images: torch.Tensor, params: torch.Tensor, hflip: bool, scale
     picked = _scratch(scratch, "rows", images, (b * c * h, w), images.dtype)
     top = _scratch(scratch, "top", images, (b, c, h, w), torch.float32)
     bottom = _scratch(scratch, "bottom", images, (b, c, h, w), torch.float32)
-    top.view(-1, w).copy_(torch.index_select(rows, 0, (base + y0[:, None, :]).view(-1), out=picked))
-    bottom.view(-1, w).copy_(torch.index_select(rows, 0, (base + y1[:, None, :]).view(-1), out=picked))
-    x = top.mul_(wy0.view(b, 1, h, 1)).add_(bottom.mul_(wy1.view(b, 1, h, 1)))
+    top.view(-1, w).copy_(torch.index_select(rows, 0, (base + y0.long()[:, None, :]).view(-1), out=picked))
+    bottom.view(-1, w).copy_(torch.index_select(rows, 0, (base + y1.long()[:, None, :]).view(-1), out=picked))
+    x = top.mul_(wy0.reshape(b, 1, h, 1)).add_(bottom.mul_(wy1.reshape(b, 1, h, 1)))
     # Columns: one gather per tap; the result is the only new tensor (it leaves this function).
-    wx0, wx1 = wx0.view(b, 1, 1, w), wx1.view(b, 1, 1, w)
+    wx0, wx1 = wx0.reshape(b, 1, 1, w), wx1.reshape(b, 1, 1, w)
     if scale is not None:
         wx0, wx1 = wx0 * scale, wx1 * scale
-    left = torch.gather(x, 3, x0.view(b, 1, 1, w).expand(b, c, h, w))
-    right = torch.gather(x, 3, x1.view(b, 1, 1, w).expand(b, c, h, w), out=bottom)
+    left = torch.gather(x, 3, x0.long().view(b, 1, 1, w).expand(b, c, h, w))
+    right = torch.gather(x, 3, x1.long().view(b, 1, 1, w).expand(b, c, h, w), out=bottom)
     return left.mul_(wx0).add_(right.mul_(wx1))
 
 
 def augment_batch(images: torch.Tensor, params: torch.Tensor, aug: AugmentConfig,
                   normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  scratch: dict | None = None) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` + ``augment_params`` rows -> a new float32 ``[B, C, H, W]`` on ``images``'
-    device: in [0, 255], or with ``normalize=(mean, std)`` (``[C, 1, 1]``, pixels in [0, 1], on that
-    device) already ``(x / 255 - mean) / std``, folded into the last passes (to within float rounding).
-    Rows of ``identity_params`` give the image unchanged, exactly (without ``normalize``).
+                  scratch: dict | None = None, tensor_ops: bool | None = None) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` + ``augment_params`` rows (or ``with_taps`` of them, as the train loader
+    sends them) -> a new float32 ``[B, C, H, W]`` on ``images``' device: in [0, 255], or with
+    ``normalize=(mean, std)`` (``[C, 1, 1]``, pixels in [0, 1], on that device) already
+    ``(x / 255 - mean) / std``, folded into the passes (to within float rounding). Rows of
+    ``identity_params`` give the image unchanged, exactly (without ``normalize``).
 
+    A crop on the CPU runs the compiled kernel (``train/augment_cpu.py``), anywhere else (or with
+    ``tensor_ops=True``) tensor ops; both give the same images to within float rounding.
     ``scratch``: a dict the caller keeps between batches, for the intermediates (see ``_scratch``)."""
+    b, c, h, w = images.shape
+    if aug.crop_scale_min < 1.0 and params.shape[1] == N_PARAMS:  # not from the loader: taps here
+        params = with_taps(params.cpu(), (h, w))
     params = params.to(device=images.device, dtype=torch.float32)
-    b = images.shape[0]
     scale = params[:, BRIGHTNESS].view(b, 1, 1, 1) if aug.brightness > 0 else None  # x * scale - offset
     offset, low, high = None, 0.0, 255.0
     if normalize is not None:
         mean, std = normalize
         scale = (scale if scale is not None else 1.0) / (255.0 * std)
         offset, low, high = mean / std, -mean / std, (1.0 - mean) / std
+    if tensor_ops is None:
+        tensor_ops = images.device.type != "cpu"
+    if aug.crop_scale_min < 1.0 and not tensor_ops:
+        return _resized_crop_cpu(images, params, scale, offset, high, aug.brightness > 0)
     if aug.crop_scale_min < 1.0:
-        x = _resized_crop(images, params, aug.hflip, scale, scratch)
+        x = _resized_crop(images, params, scale, scratch)
     else:
         if aug.hflip:
             images = torch.where(params[:, FLIP].view(-1, 1, 1, 1) > 0.5, images.flip(-1), images)
@@ -194,6 +216,24 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, aug: AugmentConfig
         # Per-channel bounds: maximum/minimum in place, ~8x faster on the CPU than clamp_ with tensor bounds.
         x = x.clamp_(low, high) if normalize is None else torch.minimum(torch.maximum(x, low, out=x), high, out=x)
     return x
+
+
+def _resized_crop_cpu(images: torch.Tensor, plan: torch.Tensor, scale, offset, high, clamp: bool) -> torch.Tensor:
+    """``augment_batch``'s crop on the CPU: the compiled kernel, imported (and compiled) on first use.
+    ``scale``: None or broadcastable to ``[B, C, 1, 1]``; ``offset``, ``high``: None/float or ``[C, 1, 1]``."""
+    from train.augment_cpu import resized_crop
+
+    b, c, h, w = images.shape
+
+    def f32(value, shape) -> np.ndarray:
+        return np.ascontiguousarray(torch.as_tensor(value, dtype=torch.float32).expand(shape).numpy())
+
+    out = torch.empty(b, c, h, w)
+    resized_crop(images.contiguous().numpy(), plan.contiguous().numpy(), N_PARAMS,
+                 f32(1.0 if scale is None else scale, (b, c, 1, 1)).reshape(b, c),
+                 f32(0.0 if offset is None else offset, (c, 1, 1)).reshape(c),
+                 f32(high, (c, 1, 1)).reshape(c), clamp, out.numpy())
+    return out
 
 
 def augment_one(image: torch.Tensor, params: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:

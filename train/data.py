@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from train.augment import active, augment_batch, augment_params, identity_params
+from train.augment import active, augment_batch, augment_params, identity_params, with_taps
 from train.config import YEAR_RANGE, AugmentConfig, Config, DataConfig
 from train.console import progress_bar
 from train.errors import UserError
@@ -93,8 +93,9 @@ class DatedImages(Dataset):
         return list(zip((x / 255.0 - self.mean) / self.std, y))
 
     def raw_batch(self, keys: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(uint8 images [B, 3, H, W], standardized targets [B], augmentation parameters [B, 6] or None)``
-        for int or ``(epoch, index)`` keys; parameters only with ``augment`` set (identity rows for int keys)."""
+        """``(uint8 images [B, 3, H, W], standardized targets [B], augmentation parameters or None)``
+        for int or ``(epoch, index)`` keys; parameters (``[B, 6]``, with ``with_taps`` columns when there is
+        a crop) only with ``augment`` set (identity rows for int keys)."""
         pairs = [k if isinstance(k, tuple) else (None, k) for k in keys]
         idx = [i for _, i in pairs]
         raw = self.raw_many(idx)
@@ -104,11 +105,14 @@ class DatedImages(Dataset):
         size = tuple(raw.shape[-2:])
         at = [j for j, (e, _) in enumerate(pairs) if e is not None]
         if len(at) == len(pairs):  # what the train loader asks for
-            return raw, y, augment_params(self.augment, self.seed, [e for e, _ in pairs], idx, size)
-        params = identity_params(len(idx), size)
-        if at:
-            params[at] = augment_params(self.augment, self.seed, [pairs[j][0] for j in at], [idx[j] for j in at], size)
-        return raw, y, params
+            params = augment_params(self.augment, self.seed, [e for e, _ in pairs], idx, size)
+        else:
+            params = identity_params(len(idx), size)
+            if at:
+                params[at] = augment_params(self.augment, self.seed, [pairs[j][0] for j in at],
+                                            [idx[j] for j in at], size)
+        # With a crop, the bilinear taps travel with the batch too (see with_taps).
+        return raw, y, with_taps(params, size) if self.augment.crop_scale_min < 1.0 else params
 
 
 class RawTrainBatches(Dataset):
