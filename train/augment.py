@@ -203,7 +203,7 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, aug: AugmentConfig
     if tensor_ops is None:
         tensor_ops = images.device.type != "cpu"
     if aug.crop_scale_min < 1.0 and not tensor_ops:
-        return _resized_crop_cpu(images, params, scale, offset, high, aug.brightness > 0)
+        return _resized_crop_cpu(images, params, scale, offset, high if aug.brightness > 0 else math.inf)
     if aug.crop_scale_min < 1.0:
         x = _resized_crop(images, params, scale, scratch)
     else:
@@ -218,9 +218,10 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, aug: AugmentConfig
     return x
 
 
-def _resized_crop_cpu(images: torch.Tensor, plan: torch.Tensor, scale, offset, high, clamp: bool) -> torch.Tensor:
+def _resized_crop_cpu(images: torch.Tensor, plan: torch.Tensor, scale, offset, high) -> torch.Tensor:
     """``augment_batch``'s crop on the CPU: the compiled kernel, imported (and compiled) on first use.
-    ``scale``: None or broadcastable to ``[B, C, 1, 1]``; ``offset``, ``high``: None/float or ``[C, 1, 1]``."""
+    ``scale``: None or broadcastable to ``[B, C, 1, 1]``; ``offset``, ``high`` (inf: no clamp): None/float
+    or ``[C, 1, 1]``."""
     from train.augment_cpu import resized_crop
 
     b, c, h, w = images.shape
@@ -232,7 +233,7 @@ def _resized_crop_cpu(images: torch.Tensor, plan: torch.Tensor, scale, offset, h
     resized_crop(images.contiguous().numpy(), plan.contiguous().numpy(), N_PARAMS,
                  f32(1.0 if scale is None else scale, (b, c, 1, 1)).reshape(b, c),
                  f32(0.0 if offset is None else offset, (c, 1, 1)).reshape(c),
-                 f32(high, (c, 1, 1)).reshape(c), clamp, out.numpy())
+                 f32(high, (c, 1, 1)).reshape(c), out.numpy())
     return out
 
 

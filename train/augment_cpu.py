@@ -19,11 +19,11 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def resized_crop(images, plan, n_params, scale, offset, high, clamp, out):  # pragma: no cover - compiled
+def resized_crop(images, plan, n_params, scale, offset, high, out):  # pragma: no cover - compiled
     """``images`` uint8 ``[B, C, H, W]``, ``plan`` float32 ``with_taps`` rows (taps after the first
     ``n_params`` columns: rows y0, y1, wy0, wy1, then columns x0, x1, wx0, wx1), ``scale`` float32
     ``[B, C]``, ``offset``/``high`` float32 ``[C]`` -> ``out`` float32 ``[B, C, H, W]``:
-    ``min(resampled * scale - offset, high)`` (the ``min`` only with ``clamp``)."""
+    ``min(resampled * scale - offset, high)`` (``high`` = inf: no clamp)."""
     b, c, h, w = images.shape
     ys, xs = n_params, n_params + 4 * h
     mixed = np.empty((h, w), np.float32)  # the crop's rows with their columns resampled, one channel
@@ -46,9 +46,5 @@ def resized_crop(images, plan, n_params, scale, offset, high, clamp, out):  # pr
                 a, bottom = mixed[int(plan[i, ys + y]) - top], mixed[int(plan[i, ys + h + y]) - top]
                 wa, wb = plan[i, ys + 2 * h + y] * s, plan[i, ys + 3 * h + y] * s
                 dst = out[i, k, y]
-                if clamp:
-                    for x in range(w):
-                        dst[x] = min(a[x] * wa + bottom[x] * wb - o, hi)
-                else:
-                    for x in range(w):
-                        dst[x] = a[x] * wa + bottom[x] * wb - o
+                for x in range(w):
+                    dst[x] = min(a[x] * wa + bottom[x] * wb - o, hi)
