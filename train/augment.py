@@ -16,16 +16,16 @@ Two halves, so that the random part is exact everywhere and the pixel part runs 
   CPU's in the last bit, which would move a crop box by a pixel between a GPU run and a CPU run.
   ``with_taps`` appends each image's bilinear taps (source rows and columns, weights; the flip folded
   in), also in NumPy float64 in the loader, so the training device does no small bookkeeping ops.
-- ``augment_batch``: applies them to a uint8 batch ``[B, 3, H, W]`` with tensor ops on the batch's device:
-  the columns with one ``index_select`` per tap over the batch laid out ``[C, H, B, W]``, the rows with
-  one ``embedding_bag`` (weighted sum of two source rows per output row, brightness and normalization
-  in its weights), bilinear weights as in ``F.interpolate`` with ``align_corners=False``. Only kernels
-  that treat every image alike (no ``lerp``/``addcmul``, whose vectorized and scalar code round
-  differently and which could give an image other bits in another batch), so an image's pixels do not
-  depend on the batch either.
+- ``augment_batch``: applies them to a uint8 batch ``[B, 3, H, W]`` on the batch's device, with the
+  normalization folded in. On a GPU (any device but the CPU) as tensor ops: rows picked with
+  ``index_select``, columns with one ``gather`` per tap, only kernels that treat every image alike (no
+  ``lerp``/``addcmul``, whose vectorized and scalar code round differently and could give an image
+  other bits in another batch). On the CPU by one compiled loop (``train/augment_cpu.py``): the same
+  tensor ops there are memory-bound at twice its time (docs/PERFORMANCE.md). Either way an image's
+  pixels do not depend on its batch; the two paths agree to within float rounding.
 
 ``augment_one`` is the per-image reference (crop, ``F.interpolate``, flip, brightness): the tests check
-that ``augment_batch`` gives the same images. Runs before this module (numpy ``default_rng`` per image in
+that both paths of ``augment_batch`` give the same images. Runs before this module (numpy ``default_rng`` per image in
 the loader workers) drew other random numbers: the same transforms and ranges, other augmented images.
 """
 
@@ -124,9 +124,9 @@ def with_taps(params: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``augment_params`` rows -> float32 ``[B, 6 + 4 (H + W)]``: the six parameters, then each image's
     bilinear taps (``_taps``) of the rows (``y0, y1, wy0, wy1``, H columns each) and of the columns (``x0,
     x1, wx0, wx1``, W each, the flip folded in). Computed in the loader with the parameters (a few
-    microseconds per batch in NumPy) so that the training device gets them with the batch: on the CPU
-    they were a fifth of ``augment_batch``'s time as small tensor ops, on a GPU they would be dozens of
-    tiny kernels. Positions are integers below 2**24, exact in float32."""
+    microseconds per batch in NumPy) so that the training device gets them with the batch: as tensor
+    ops they were a fifth of the augmentation's time on the CPU, and would be dozens of tiny kernels on
+    a GPU. Positions are integers below 2**24, exact in float32."""
     h, w = size
     p = params.double().numpy()
     rows = _taps(p[:, TOP], p[:, CROP_H], h, np.zeros(len(p)))
