@@ -3,6 +3,7 @@
     python benchmarks/data.py                       # 2,000 JPEGs of 256x256 -> 64x64, batch 64, 2 workers
     python benchmarks/data.py --images 4000 --image-size 32 --num-workers 1
     python benchmarks/data.py --threads 1           # one torch thread (docs/PERFORMANCE.md: a shared 2-core VM)
+    python benchmarks/data.py --device cuda --bf16  # augmentation and training step on a GPU (benchmarks/gpu.sh)
 
 Measured in one run, as images per second:
 - decoding: the train loader alone, one epoch, decoding and resizing every JPEG (no cache). The
@@ -16,8 +17,13 @@ Measured in one run, as images per second:
   "cached + augment" is the full path a step waits for. "cached + augment, tensor ops" is the same
   with the tensor-op path that every other device runs (``augment_batch(tensor_ops=True)``), timed
   on the CPU for comparison.
-- training step: the default model (``build_model`` of the default config) forward + backward +
-  AdamW step on batches of the same size, no loader.
+- training step: the default model (``build_model`` of the default config, or with ``--model``
+  overrides) forward + backward + AdamW step on batches of the same size, no loader, on ``--device``
+  (bf16 autocast with ``--bf16``).
+
+With ``--device cuda`` every batch is moved to the GPU (non-blocking, from pinned memory, as in
+training) before ``Data.train_batch``, so "cached + augment" times the GPU's tensor-op augmentation;
+its goal there is >= 2x the training step, so that the GPU never waits for its input (issue 15).
 
 Goals: cached >= 5x decoding, and cached >= 2x the training step, so that the loader is never what a
 run waits for (the data issue); cached + augment >= 0.5x cached (issue 15: augmentation on whole
@@ -27,6 +33,7 @@ batches instead of per image). Results for this machine are in docs/PERFORMANCE.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -74,16 +81,27 @@ class TensorOps:
         return augment_batch(images, params, self.train.augment, norm, self.scratch, tensor_ops=True), y
 
 
-def loader_epoch(loader, data, epoch: int) -> float:
+def loader_epoch(loader, data, epoch: int, device: torch.device) -> float:
     """Images/s of one pass over a train loader and ``Data.train_batch`` (what the training loop calls on
-    each batch), no model."""
+    each batch), no model. Batches go to ``device`` first, as the prepared loader moves them in training
+    (from pinned memory when CUDA is there), so on a GPU the augmentation runs there."""
     loader.sampler.set_epoch(epoch)
     t0 = time.perf_counter()
-    n = sum(len(data.train_batch(batch, epoch)[1]) for batch in loader)
+    n = 0
+    for batch in loader:
+        if device.type != "cpu":
+            batch = [t.to(device, non_blocking=True) for t in batch]
+        n += len(data.train_batch(batch, epoch)[1])
+    _sync(device)
     return n / (time.perf_counter() - t0)
 
 
-def loader_rates(setups: dict, repeats: int) -> dict[str, list[float]]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loader_rates(setups: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
     """``repeats`` epochs of each ``name -> (cfg, data)``, interleaved (epoch 1 of each, then epoch 2 of
     each, ...): the setups see the same machine within seconds, which a shared VM's drifting speed needs
     for their ratios to mean something. One warm-up epoch each first, not counted."""
@@ -92,22 +110,24 @@ def loader_rates(setups: dict, repeats: int) -> dict[str, list[float]]:
     rates: dict[str, list[float]] = {name: [] for name in setups}
     for epoch in range(repeats + 1):
         for name, (loader, data) in loaders.items():
-            rate = loader_epoch(loader, data, epoch + 1)
+            rate = loader_epoch(loader, data, epoch + 1, device)
             if epoch:
                 rates[name].append(rate)
     return rates
 
 
-def train_step_rate(cfg, steps: int) -> float:
-    """Images/s of forward + backward + AdamW steps of the default model, on random batches."""
+def train_step_rate(cfg, steps: int, device: torch.device, bf16: bool) -> float:
+    """Images/s of forward + backward + AdamW steps of the default model, on random batches on ``device``
+    (in bf16 autocast with ``bf16``)."""
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
-    y = torch.randn(cfg.data.batch_size)
+    x = torch.randn(cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device)
+    y = torch.randn(cfg.data.batch_size, device=device)
 
     def step():
-        loss = torch.nn.functional.mse_loss(model(x).float().view(-1), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.mse_loss(model(x).float().view(-1), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -116,9 +136,11 @@ def train_step_rate(cfg, steps: int) -> float:
         step()
     best = 0.0
     for _ in range(3):  # best of three, as for the loader
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        _sync(device)
         best = max(best, steps * cfg.data.batch_size / (time.perf_counter() - t0))
     return best
 
@@ -136,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     ap.add_argument("--repeats", type=int, default=5,
                     help="timed epochs of each loader, interleaved; medians reported (default: %(default)s)")
+    ap.add_argument("--device", default="cpu",
+                    help="where train_batch and the training step run, e.g. cuda (default: %(default)s)")
+    ap.add_argument("--bf16", action="store_true", help="the training step in bf16 autocast (default: fp32)")
+    ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the training step's model, e.g. model.name=resnet (repeatable)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -151,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             f"data.batch_size={args.batch_size}", f"data.num_workers={args.num_workers}", "logging.progress_bar=false",
             f"experiment.output_dir={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}",
         ]
+        base += args.model  # only the training step's model reads them
         cfg_plain = load_config(None, base)
         cfg_cache = load_config(None, base + ["data.cache=true"])
         cfg_aug = load_config(None, base + ["data.cache=true", "data.augment.hflip=true",
@@ -165,14 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         aug_data = build_data(cfg_aug)
         reopen_s = time.perf_counter() - t0
-        rates = loader_rates({"decoding": (cfg_plain, plain), "cached": (cfg_cache, cached_data),
-                              "cached + augment": (cfg_aug, aug_data),
-                              "tensor ops": (cfg_aug, TensorOps(aug_data))}, args.repeats)
-        step = train_step_rate(cfg_cache, args.steps)
+        setups = {"decoding": (cfg_plain, plain), "cached": (cfg_cache, cached_data),
+                  "cached + augment": (cfg_aug, aug_data)}
+        if device.type == "cpu":  # elsewhere "cached + augment" already is the tensor-op path
+            setups["tensor ops"] = (cfg_aug, TensorOps(aug_data))
+        rates = loader_rates(setups, args.repeats, device)
+        step = train_step_rate(cfg_cache, args.steps, device, args.bf16)
 
     n_train = len(plain.train)
-    print(f"\nmachine: {cpu_name()}, load average {__import__('os').getloadavg()[0]:.1f}, "
-          f"{len(__import__('os').sched_getaffinity(0))} cores, torch {torch.__version__}, "
+    where = "the CPU: the compiled kernel" if device.type == "cpu" else f"{device}: tensor ops"
+    if device.type == "cuda":
+        print(f"\ndevice: {torch.cuda.get_device_name(device)}")
+    print(f"\nmachine: {cpu_name()}, load average {os.getloadavg()[0]:.1f}, "
+          f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"images {args.images} ({n_train} in the train split), {args.source_size}px JPEG -> {args.image_size}px, "
           f"batch {args.batch_size}, num_workers {args.num_workers}")
@@ -185,18 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loader, decoding JPEGs:       {decoding:9.0f} images/s")
     print(f"loader, cached:               {cached:9.0f} images/s")
     print(f"loader, cached + augment:     {cached_aug:9.0f} images/s  "
-          "(augmented and normalized by Data.train_batch on the CPU: the compiled kernel)")
-    tensor_ops = statistics.median(rates["tensor ops"])
-    print(f"  the same, tensor ops:       {tensor_ops:9.0f} images/s  (the path other devices run)")
-    print(f"training step (default model): {step:8.0f} images/s")
+          f"(augmented and normalized by Data.train_batch on {where})")
+    if "tensor ops" in rates:
+        tensor_ops = statistics.median(rates["tensor ops"])
+        print(f"  the same, tensor ops:       {tensor_ops:9.0f} images/s  (the path other devices run)")
+    model = " ".join(args.model) or "default model"
+    print(f"training step ({model}{', bf16' if args.bf16 else ''}): {step:8.0f} images/s  (on {device})")
     print(f"\ncached / decoding:              {cached / decoding:6.1f}x   (goal >= 5x)")
     print(f"cached / training step:         {cached / step:6.1f}x   (goal >= 2x)")
-    print(f"cached + augment / training step: {cached_aug / step:4.1f}x")
+    print(f"cached + augment / training step: {cached_aug / step:4.1f}x   (goal on a GPU >= 2x: never starved)")
     paired = statistics.median(a / c for a, c in zip(rates["cached + augment"], rates["cached"]))
     print(f"cached + augment / cached:      {cached_aug / cached:6.2f}x   (goal >= 0.5x; "
           f"{paired:.2f}x paired: the median of the per-round ratios)")
-    paired_ops = statistics.median(a / c for a, c in zip(rates["tensor ops"], rates["cached"]))
-    print(f"  with tensor ops instead:      {tensor_ops / cached:6.2f}x   ({paired_ops:.2f}x paired)")
+    if "tensor ops" in rates:
+        paired_ops = statistics.median(a / c for a, c in zip(rates["tensor ops"], rates["cached"]))
+        print(f"  with tensor ops instead:      {tensor_ops / cached:6.2f}x   ({paired_ops:.2f}x paired)")
     return 0
 
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# GPU throughput check, under 5 minutes: fp32 / bf16 / fp16, channels_last off/on, torch.compile off/on,
-# for the default CNN, the tiny model and the default CNN at 64x64 (see benchmarks/throughput.py).
+# GPU check, under 8 minutes: training throughput in fp32 / bf16 / fp16, channels_last off/on,
+# torch.compile off/on, for the default CNN, a larger ResNet at 64x64, the tiny model and the default CNN
+# at 64x64 (benchmarks/throughput.py); then, with CUDA, the input side (benchmarks/data.py --device cuda):
+# the cached + augmented loader with the augmentation on the GPU against a bf16 training step, default
+# CNN and the ResNet, at 64 and 224 px (issue 15: the loader should be >= 2x the step rate).
 #
 #   bash benchmarks/gpu.sh                 # from the repository root, with a CUDA build of torch in .venv
 #   OUT=/some/dir bash benchmarks/gpu.sh   # also writes the table to $OUT/gpu_results.txt
@@ -9,7 +12,7 @@
 # Sets nothing up: it uses the .venv that travels with the repository (or the active Python). Settings
 # run in order of interest within a total budget; those that no longer fit are listed as skipped, and
 # a failing setting prints its error line while the others go on.
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     . .venv/bin/activate
@@ -39,5 +42,21 @@ python benchmarks/throughput.py --total-budget "$TOTAL_BUDGET" --setting-timeout
 status=$?
 if [ -n "${OUT:-}" ]; then
     echo "table: $OUT/gpu_results.txt"
+fi
+if python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    RESNET=(--model model.name=resnet --model "model.channels=[64,128,256,512]" --model model.hidden=256)
+    for size in 64 224; do
+        for model in default resnet; do
+            args=(--device cuda --bf16 --image-size "$size" --num-workers 8 --repeats 3)
+            [ "$model" = resnet ] && args+=("${RESNET[@]}")
+            [ "$size" = 224 ] && args+=(--images 1000 --batch-size 64 --steps 5)
+            echo "== benchmarks/data.py ${args[*]}"
+            if [ -n "${OUT:-}" ]; then
+                timeout 150 python benchmarks/data.py "${args[@]}" 2>&1 | tee -a "$OUT/gpu_data.txt" || status=1
+            else
+                timeout 150 python benchmarks/data.py "${args[@]}" || status=1
+            fi
+        done
+    done
 fi
 exit $status

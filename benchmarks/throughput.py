@@ -13,7 +13,9 @@ script, trackers off, checkpoints at epoch ends off, no progress bar, with:
 
 Workloads: ``cnn`` the default model at 32x32, batch 64 (what the default config trains); ``cnn64``
 the default model at 64x64, batch 128 (more arithmetic per step, where precision can show); ``tiny``
-one 8-channel block at 8x8, batch 32 (pure per-step overhead). Compiled runs use channels_last off
+one 8-channel block at 8x8, batch 32 (pure per-step overhead); ``resnet64`` a larger model, the small
+ResNet with stages of 64-512 channels (5.0 M parameters) at 64x64, batch 128, where bf16 and
+channels_last have arithmetic to speed up (issue 15's bf16 goal). Compiled runs use channels_last off
 only (each compile costs tens of seconds) unless channels_last on is the only layout asked for.
 
 samples/s = training images per epoch / median epoch time without epoch 1 (warm-up, where compile
@@ -55,6 +57,8 @@ WORKLOADS = {
     "cnn64": ["data.image_size=64", "data.batch_size=128", "data.synthetic.num_train=4096"],
     "tiny": ["data.image_size=8", "model.channels=[8]", "model.hidden=8", "data.batch_size=32",
              "data.synthetic.num_train=16384"],
+    "resnet64": ["model.name=resnet", "model.channels=[64,128,256,512]", "model.hidden=256", "data.image_size=64",
+                 "data.batch_size=128", "data.synthetic.num_train=4096"],
 }
 SMALL_SPLITS = ["data.synthetic.num_val=256", "data.synthetic.num_test=256", "data.eval_batch_size=256"]
 QUICK_DATA = ["data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.num_test=64"]
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads",
                     help="comma-separated, of: " + ", ".join(WORKLOADS)
-                    + " (default: cnn,tiny,cnn64; --quick: cnn,tiny)")
+                    + " (default: cnn,resnet64,tiny,cnn64; --quick: cnn,tiny)")
     ap.add_argument("--precisions", default="fp32,bf16,fp16",
                     help="comma-separated, of: fp32, bf16, fp16 (default: %(default)s)")
     ap.add_argument("--channels-last", help="off, on or off,on (default: off,on; --quick: off)")
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     args.epochs = args.epochs or (2 if args.quick else 3)
-    workloads = (args.workloads or ("cnn,tiny" if args.quick else "cnn,tiny,cnn64")).split(",")
+    workloads = (args.workloads or ("cnn,tiny" if args.quick else "cnn,resnet64,tiny,cnn64")).split(",")
     precisions = args.precisions.split(",")
     layouts = [x == "on" for x in (args.channels_last or ("off" if args.quick else "off,on")).split(",")]
     compiles = [x == "on" for x in (args.compile or ("off" if args.quick else "off,on")).split(",")]
