@@ -3,13 +3,15 @@
 Why compiled: on the CPU the same transform as tensor ops is a dozen passes over the batch's 3 MB of
 float pixels, plus two per-pixel ``gather``/``index_select`` calls; it is bound by memory traffic, not
 arithmetic (``benchmarks/data.py``: 0.34-0.47x the cached loader). Here each image's channel is
-resampled inside a 16 KB buffer that stays in the L1 cache: the columns of the crop's rows first, then
-the rows, with brightness, normalization and the white clamp in the same write (0.78-0.83x). FFCV
-augments on the CPU the same way, for the same reason.
+resampled inside one buffer of H x W floats (16 KB at 64 px: it stays in the L1 cache): the columns of
+the crop's rows first, then the rows, with brightness, normalization and the white clamp in the same
+write (0.64-0.86x, docs/PERFORMANCE.md). FFCV augments on the CPU the same way, for the same reason.
+One thread: it was never what a CPU run waits for (the training step is two orders of magnitude
+slower), and numba's parallel loops bring an OpenMP pool that forked loader workers would inherit.
 
-Compiled on first use (about a second) and cached on disk by numba (``cache=True``), so a later run
-or test process loads it in milliseconds. Float32 arithmetic in a fixed order per image, no fast-math:
-an image's pixels do not depend on its batch, the process or the run (the tests check it bit for bit).
+Compiled on first use (1.2-1.4 s here) and cached on disk by numba, so a later process loads it in
+about 0.25-0.4 s. Float32 arithmetic in a fixed order per image, no fast-math: an image's pixels do not
+depend on its batch, the process or the run (the tests check it bit for bit).
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _compiled(fn):
+    """``numba.njit`` with the on-disk cache, or without it where numba finds no writable cache
+    directory (a read-only install and home): then every process compiles it once, about a second."""
+    try:
+        return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True, boundscheck=False)(fn)
+
+
+@_compiled
 def resized_crop(images, plan, n_params, scale, offset, high, out):  # pragma: no cover - compiled
     """``images`` uint8 ``[B, C, H, W]``, ``plan`` float32 ``with_taps`` rows (taps after the first
     ``n_params`` columns: rows y0, y1, wy0, wy1, then columns x0, x1, wx0, wx1), ``scale`` float32

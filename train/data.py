@@ -118,8 +118,9 @@ class DatedImages(Dataset):
 class RawTrainBatches(Dataset):
     """The train split as the train loader reads it with augmentation on: each batch (pre-collated,
     see ``_collated``) is ``(uint8 images [B, 3, H, W], standardized targets [B], augmentation
-    parameters [B, 6])``. ``Data.train_batch`` turns it into normalized augmented images on the device
-    the loader moved it to, so the loader (and its workers) do no pixel work beyond decoding."""
+    parameters [B, 6], or their ``with_taps`` with a crop)``. ``Data.train_batch`` turns it into
+    normalized augmented images on the device the loader moved it to, so the loader (and its workers)
+    do no pixel work beyond decoding."""
 
     def __init__(self, images: DatedImages):
         self.images = images
